@@ -1,0 +1,77 @@
+"""stemgpu: fast quantitative atomic-resolution STEM on NumPy or CuPy.
+
+Importing the package is cheap: NumPy is the only heavy import. Every public function is
+loaded from its module on first use, so ``import stemgpu`` never imports CuPy, SciPy,
+sidpy or matplotlib.
+
+Examples
+--------
+>>> import stemgpu
+>>> stemgpu.__version__
+'0.1.0'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .backend import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; resolved lazily by __getattr__ below.
+_LAZY = {
+    "simulate_stack": "stemgpu.synthetic",
+    "simulate_image": "stemgpu.synthetic",
+    "Lattice": "stemgpu.synthetic",
+    "register_rigid": "stemgpu.registration.rigid",
+    "RigidResult": "stemgpu.registration.rigid",
+    "drift_report": "stemgpu.registration.drift",
+    "DriftReport": "stemgpu.registration.drift",
+    "register_demons": "stemgpu.registration.demons",
+    "DemonsResult": "stemgpu.registration.demons",
+    "find_atoms": "stemgpu.atoms.find",
+    "fit_atoms": "stemgpu.atoms.fit",
+    "AtomFit": "stemgpu.atoms.fit",
+    "crlb": "stemgpu.atoms.crlb",
+    "unit_cells": "stemgpu.lattice.cells",
+    "cell_statistics": "stemgpu.lattice.stats",
+    "estimate_distortion": "stemgpu.lattice.distortion",
+    "correct_distortion": "stemgpu.lattice.distortion",
+    "open": "stemgpu.io.nion",
+    "save": "stemgpu.io.results",
+    "load": "stemgpu.io.results",
+    "analyze": "stemgpu.pipeline",
+    "Analysis": "stemgpu.pipeline",
+}
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "__version__",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    *sorted(_LAZY),
+]
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'stemgpu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
