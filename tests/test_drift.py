@@ -1,0 +1,160 @@
+"""Drift vs jitter decomposition, against the simulator's exact frame offsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemgpu.registration.drift import DriftReport, drift_report
+from stemgpu.registration.rigid import register_rigid
+from stemgpu.synthetic import simulate_stack
+
+PIXEL_PM = 14.6
+
+
+def _truth_jitter_std_pm(truth):
+    """Std (x, y) of the true offsets about their own best straight line (ddof 2), pm.
+
+    The simulator's random jitter contains, by chance, a small linear trend that no method
+    can tell from drift; the figure a user can recover is the jitter about the linear fit.
+    """
+    t = np.arange(len(truth.offsets))
+    out = []
+    for k in (1, 0):  # x = col, y = row
+        coef = np.polyfit(t, truth.offsets[:, k], 1)
+        resid = truth.offsets[:, k] - np.polyval(coef, t)
+        out.append(np.sqrt((resid**2).sum() / (len(t) - 2)) * truth.pixel_size_pm)
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def jitter_stack():
+    # 3 pm frame jitter with a linear drift of (4.4, -2.9) pm/frame, 40 frames.
+    return simulate_stack((40, 256, 256), pixel_size_pm=PIXEL_PM, dose=200.0,
+                          frame_jitter_px=3.0 / PIXEL_PM, drift_px=(0.3, -0.2), seed=5)
+
+
+def test_jitter_std_within_10_percent(jitter_stack):
+    stack, truth = jitter_stack
+    res = register_rigid(stack, pixel_size=PIXEL_PM, backend="numpy")
+    rep = drift_report(res, model="linear")
+    expected = _truth_jitter_std_pm(truth)
+    got = np.array([rep.jitter_std_pm.x, rep.jitter_std_pm.y])
+    np.testing.assert_allclose(got, expected, rtol=0.10)
+    # The nominal 3 pm too, within the sampling spread of 40 frames (~11 %, 2 sigma).
+    np.testing.assert_allclose(got, 3.0, rtol=0.25)
+    # Drift rate: truth is (row, col) = (0.3, -0.2) px/frame.
+    assert rep.drift_rate_pm_per_frame.y == pytest.approx(0.3 * PIXEL_PM, abs=0.15)
+    assert rep.drift_rate_pm_per_frame.x == pytest.approx(-0.2 * PIXEL_PM, abs=0.15)
+    # White jitter: raw frame-to-frame and about-the-fit figures agree, residual ~ uncorrelated.
+    raw = np.array([rep.jitter_std_raw_pm.x, rep.jitter_std_raw_pm.y])
+    np.testing.assert_allclose(raw, got, rtol=0.25)
+    assert abs(rep.residual_lag1.x) < 0.35 and abs(rep.residual_lag1.y) < 0.35
+    assert rep.residual_white and "residual is white" in rep.summary(as_text=True)
+
+
+def test_exact_linear_plus_alternating_jitter():
+    t = np.arange(12.0)
+    shifts = np.stack([0.5 * t, -0.25 * t], axis=1)
+    shifts[:, 0] += 0.1 * (-1.0) ** t  # y jitter of exactly +-0.1 px
+    rep = drift_report(shifts, pixel_size=10.0, frame_time=0.5)
+    assert isinstance(rep, DriftReport)
+    assert rep.jitter_std_pm.x == pytest.approx(0.0, abs=1e-9)
+    assert rep.drift_rate_pm_per_frame.x == pytest.approx(-2.5, abs=1e-12)
+    assert rep.drift_rate_pm_per_s.x == pytest.approx(-5.0, abs=1e-12)
+    assert rep.drift_rate_raw_pm_per_frame.y == pytest.approx(5.0 + (-2.0 / 11), abs=1e-12)
+    # Alternating +-1 pm about a line: the fitted line absorbs a tiny trend; std ~ 1 pm.
+    assert rep.jitter_std_pm.y == pytest.approx(1.0, rel=0.1)
+    assert rep.residual_lag1.y < -0.8  # alternating: strongly anti-correlated
+    np.testing.assert_allclose(rep.offsets_pm, shifts * 10.0)
+    np.testing.assert_allclose(rep.smooth_pm + rep.jitter_pm, rep.offsets_pm)
+    np.testing.assert_allclose(rep.time, t * 0.5)
+
+
+def test_models_on_curved_drift():
+    # Quadratic drift with white jitter: the line leaves correlated residuals, poly and
+    # spline recover the jitter.
+    rng = np.random.default_rng(3)
+    t = np.arange(60.0)
+    jitter = rng.normal(scale=0.2, size=(60, 2))
+    shifts = np.stack([0.002 * (t - 30) ** 2, 0.05 * t], axis=1) + jitter
+    true_std = jitter.std(axis=0, ddof=1)[::-1] * 10.0  # (x, y) pm
+    lin = drift_report(shifts, pixel_size=10.0, model="linear")
+    poly = drift_report(shifts, pixel_size=10.0, model="poly", degree=2)
+    spl = drift_report(shifts, pixel_size=10.0, model="spline")
+    assert lin.jitter_std_pm.y > 1.5 * true_std[1] and lin.residual_lag1.y > 0.5
+    assert not lin.residual_white and "try model='poly'" in str(lin)
+    assert poly.residual_white
+    np.testing.assert_allclose(poly.jitter_std_pm, true_std, rtol=0.15)
+    np.testing.assert_allclose(spl.jitter_std_pm, true_std, rtol=0.2)
+    assert abs(spl.residual_lag1.y) < 0.35
+    assert spl.parameters["fit_dof"] > 2
+
+
+def test_summary_plot_and_exclusion(jitter_stack):
+    stack, truth = jitter_stack
+    res = register_rigid(stack[:10], backend="numpy")
+    rep = drift_report(res.shifts, pixel_size=PIXEL_PM, frame_time=2.0)
+    d = rep.summary()
+    assert d["jitter_std_x_pm"] == rep.jitter_std_pm.x and d["frames"] == 10
+    assert d["drift_rate_y_pm_per_s"] == pytest.approx(rep.drift_rate_pm_per_frame.y / 2.0)
+    text = rep.summary(as_text=True)
+    assert "jitter std about the fit" in text and "pm/s" in text and str(rep) == text
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = rep.plot()
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 4
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert rep.plot(ax=ax) is fig
+    plt.close(fig)
+
+    mask = np.zeros(10, dtype=bool)
+    mask[4] = True
+    shifted = res.shifts.copy()
+    shifted[4] += 5.0  # an outlier frame, excluded from the statistics
+    ex = drift_report(shifted, pixel_size=PIXEL_PM, exclude=mask)
+    clean = drift_report(np.delete(res.shifts, 4, axis=0), pixel_size=PIXEL_PM)
+    assert ex.jitter_std_pm.x == pytest.approx(clean.jitter_std_pm.x, rel=0.2)
+    assert ex.jitter_pm[4, 0] > 50 and ex.parameters["excluded"] == [4]
+    host = rep.to_numpy()
+    np.testing.assert_array_equal(host.offsets_pm, rep.offsets_pm)
+
+
+def test_rigid_result_supplies_pixel_size_and_flags():
+    stack, _ = simulate_stack((6, 96, 96), dose=200.0, frame_jitter_px=0.5, seed=1)
+    res = register_rigid(stack, pixel_size=20.0, backend="numpy")
+    rep = drift_report(res)
+    assert rep.pixel_size_pm == 20.0
+    np.testing.assert_allclose(rep.offsets_pm, res.shifts * 20.0)
+    assert drift_report(res, pixel_size=10.0).pixel_size_pm == 10.0
+
+
+def test_bad_inputs():
+    good = np.zeros((5, 2))
+    with pytest.raises(ValueError, match=r"shifts must have shape \(n, 2\) .* got \(5, 3\)"):
+        drift_report(np.zeros((5, 3)), pixel_size=1.0)
+    with pytest.raises(ValueError, match=r"shifts must be finite; frames \[2\] are not"):
+        bad = good.copy()
+        bad[2, 1] = np.nan
+        drift_report(bad, pixel_size=1.0)
+    with pytest.raises(ValueError, match="drift_report needs a calibration: pass pixel_size="):
+        drift_report(good)
+    with pytest.raises(ValueError, match="pixel_size must be a positive number in pm; got 0"):
+        drift_report(good, pixel_size=0)
+    with pytest.raises(ValueError, match="model='cubic' is not accepted; use one of 'linear'"):
+        drift_report(good, pixel_size=1.0, model="cubic")
+    with pytest.raises(ValueError, match="degree must be an integer >= 1 for model='poly'"):
+        drift_report(good, pixel_size=1.0, model="poly", degree=0)
+    with pytest.raises(ValueError, match="frame_time must be a positive number of s; got -1"):
+        drift_report(good, pixel_size=1.0, frame_time=-1)
+    with pytest.raises(ValueError, match="model='linear' needs at least 3 frames"):
+        drift_report(good[:2], pixel_size=1.0)
+    with pytest.raises(ValueError, match=r"exclude must be a boolean mask of shape \(5,\)"):
+        drift_report(good, pixel_size=1.0, exclude=[True])
+    with pytest.raises(TypeError, match="shifts must be an .n, 2. array of px or a RigidResult"):
+        drift_report("shifts", pixel_size=1.0)
