@@ -1,0 +1,547 @@
+"""Non-rigid registration: batched (diffeomorphic) demons warping of every frame onto a mean.
+
+Scan distortions and line jitter move atomic columns differently inside each frame; after
+rigid registration, :func:`register_demons` removes them by warping every frame onto the
+stack mean with Thirion's demons (Thirion 1998, doi:10.1016/S1361-8415(98)80022-4), with
+the symmetric (ESM) force (Vercauteren et al., IPMI 2007) and, optionally, diffeomorphic
+updates (Vercauteren et al. 2009, doi:10.1016/j.neuroimage.2008.10.040).
+
+All frames of a batch advance together as one (B, H, W) array on the backend's ``xp``: force,
+Gaussian smoothing of the update ("fluid") and of the field ("elastic"), composition and
+warping are whole-batch operations; the only host synchronisation inside the iteration loop
+is one boolean every ten iterations (have all frames stopped?).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .._inputs import as_image, as_stack
+from ..backend import Backend, is_cupy_array
+from . import _warp
+
+__all__ = ["DemonsResult", "register_demons", "warp"]
+
+_FORCES = ("symmetric", "thirion")
+_ORDERS = (0, 1, 3)
+#: Iterations without a relative metric improvement of ``tolerance`` before a frame stops.
+_PATIENCE = 5
+#: Host check "have all frames stopped?" every this many iterations (one sync each).
+_CHECK_EVERY = 10
+
+
+@dataclass(frozen=True)
+class DemonsResult:
+    """Result of :func:`register_demons`.
+
+    Metrics are mean squared differences between the pre-smoothed, intensity-normalised
+    frame and reference (the reference scaled to zero mean and unit variance, so values do
+    not depend on the dose); updates are RMS lengths in px of the pyramid level.
+
+    Attributes
+    ----------
+    registered : (n, h, w) array
+        Every frame warped onto the reference: ``registered[k](x) = stack[k](x + d_k(x))``.
+    displacement : (n, 2, h, w) float32 array or None
+        The fields ``d_k`` (row, col components) in px; None with ``keep_fields=False``.
+        Flagged frames have a zero field.
+    reference : (h, w) array
+        The reference of the last round (the stack mean, re-averaged between rounds, or the
+        ``reference`` given).
+    mean : (h, w) array
+        Mean of the registered frames that are not flagged.
+    metric_before, metric_after : (n,) float32 arrays
+        Per-frame metric against ``reference`` without and with the field (finest level).
+    metric_history, update_history : (rounds, levels, max_iterations, n) float32 arrays
+        Per-iteration metric (before that iteration's update) and RMS update length (px of
+        the level); levels run coarse to fine. After a frame stops, its metric is repeated
+        and its update is 0.
+    iterations : (n,) int array
+        Iterations each frame ran at the finest level of the last round.
+    flagged : (n,) bool array
+        Frames whose metric with the field was worse than without it; they are left
+        unwarped (zero field) rather than distorted.
+    parameters : dict
+        Every option used, for the record.
+    """
+
+    registered: Any
+    displacement: Any
+    reference: Any
+    mean: Any
+    metric_before: Any
+    metric_after: Any
+    metric_history: Any
+    update_history: Any
+    iterations: Any
+    flagged: Any
+    parameters: dict = field(default_factory=dict)
+
+    def to_numpy(self) -> DemonsResult:
+        """A copy whose arrays are NumPy arrays."""
+
+        def conv(a):
+            if a is None:
+                return None
+            return a.get() if is_cupy_array(a) else np.array(a)
+
+        names = ("registered", "displacement", "reference", "mean", "metric_before",
+                 "metric_after", "metric_history", "update_history", "iterations", "flagged")
+        return replace(self, parameters=dict(self.parameters),
+                       **{k: conv(getattr(self, k)) for k in names})
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _check_sigma(value, name):
+    msg = f"{name} must be a number >= 0 or a (row, col) pair of them, in px; got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(msg)
+    try:
+        pair = np.broadcast_to(np.asarray(value, dtype=float), (2,))
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if not np.all(np.isfinite(pair)) or np.any(pair < 0):
+        raise ValueError(msg)
+    return (float(pair[0]), float(pair[1]))
+
+
+def _check_positive(value, name):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def _check_iterations(iterations, levels):
+    if isinstance(iterations, numbers.Integral) and not isinstance(iterations, bool):
+        its = [int(iterations)] * levels
+    elif isinstance(iterations, list | tuple | np.ndarray):
+        its = list(iterations)
+        if len(its) != levels or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in its
+        ):
+            raise ValueError(
+                f"iterations must be an integer or a sequence of {levels} integers (one per "
+                f"level, coarse to fine); got {iterations!r}")
+        its = [int(i) for i in its]
+    else:
+        raise ValueError(
+            f"iterations must be an integer or a sequence of {levels} integers; got "
+            f"{iterations!r}")
+    if any(i < 0 for i in its) or its[-1] < 1:
+        raise ValueError(
+            f"iterations must be >= 0 per level and >= 1 at the finest level; got {iterations!r}")
+    return its
+
+
+def _auto_batch(be: Backend, shape, batch_size):
+    if batch_size != "auto":
+        if isinstance(batch_size, str):
+            raise ValueError(f"batch_size must be 'auto' or an integer >= 1; got {batch_size!r}")
+        return _check_int(batch_size, "batch_size", 1)
+    n, h, w = shape
+    # ~160 bytes per pixel per frame: images, gradients, three fields, 4 gather indices.
+    per_frame = 160 * h * w
+    budget = be.free_memory() // 3 if be.is_gpu else min(be.free_memory() // 8, 512 * 2**20)
+    return int(max(1, min(n, budget // per_frame)))
+
+
+# --------------------------------------------------------------------------- public warp
+
+
+def warp(stack, displacement, *, order=1, backend=None):
+    """Warp every frame by its own displacement field.
+
+    Parameters
+    ----------
+    stack : (n, h, w) or (h, w) array
+        NumPy or CuPy array (or sidpy Dataset).
+    displacement : (n, 2, h, w) or (2, h, w) array
+        Field ``d`` in px, components (row, col): ``out(x) = stack(x + d(x))``, the
+        convention of :attr:`DemonsResult.displacement`. Samples outside the frame take the
+        value of the nearest edge pixel.
+    order : {0, 1, 3}
+        Interpolation: nearest, bilinear (default) or cubic B-spline.
+    backend : {"numpy", "cupy", "auto"}, optional
+
+    Returns
+    -------
+    array of the shape of ``stack`` on the backend (float32 unless float64 was given).
+
+    Raises
+    ------
+    ValueError
+        For a malformed stack, a field of the wrong shape or with non-finite values, or an
+        unknown ``order``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.registration.demons import warp
+    >>> image = np.zeros((16, 16), dtype="float32")
+    >>> image[8, 8] = 1.0
+    >>> d = np.zeros((2, 16, 16), dtype="float32")
+    >>> d[1] = 2.0  # sample two columns to the right: content moves two columns left
+    >>> out = warp(image, d, backend="numpy")
+    >>> [int(i) for i in np.unravel_index(out.argmax(), out.shape)]
+    [8, 6]
+    """
+    if order not in _ORDERS or isinstance(order, bool):
+        raise ValueError(f"order={order!r} is not accepted; use one of 0, 1, 3")
+    cal = as_image(stack, name="stack", backend=backend, allow_stack=True)
+    be = cal.backend
+    data = cal.data
+    single = data.ndim == 2
+    if single:
+        data = data[None]
+    n, h, w = data.shape
+    if not (is_cupy_array(displacement) or isinstance(displacement, np.ndarray)):
+        displacement = np.asarray(displacement, dtype=float)
+    expected = (2, h, w) if single else (n, 2, h, w)
+    if tuple(displacement.shape) != expected:
+        raise ValueError(f"displacement must have shape {expected} for this stack; got "
+                         f"{tuple(displacement.shape)}")
+    disp = be.asarray(displacement).astype(data.dtype, copy=False)
+    if not bool(be.xp.isfinite(disp).all()):
+        raise ValueError("displacement must be finite; got NaN or infinite values")
+    if single:
+        disp = disp[None]
+    out = _warp.warp_batch(be, data, disp, order=order)
+    return out[0] if single else out
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+def _pyramid(be, images, levels, sigma_image):
+    """Finest-first list of pre-smoothed images (..., H_l, W_l) for ``levels`` levels."""
+    out = []
+    cur = images
+    for lev in range(levels):
+        if lev:
+            cur = _warp.downsample(be, cur)
+        out.append(_warp.smooth(be, cur, sigma_image))
+    return out
+
+
+def _metric(diff):
+    """Mean squared difference per frame of a (B, H, W) batch."""
+    return (diff * diff).mean(axis=(1, 2))
+
+
+def _run_level(be, moving, fixed, grad_fixed, disp, *, iterations, force, diffeomorphic,
+               sigma_field, sigma_update, max_step, tolerance, hist_metric, hist_update,
+               bar):
+    """Demons iterations at one level for a batch.
+
+    Every ``_CHECK_EVERY`` iterations the frames that have stopped are written out and the
+    working arrays shrink to the frames still running (one small device-to-host copy of the
+    stop mask), so a batch costs about its mean, not its maximum, number of iterations.
+    Returns the field with the lowest metric of each frame and the iterations each ran.
+    """
+    xp = be.xp
+    b = moving.shape[0]
+    alpha2 = (0.5 / max_step) ** 2  # Thirion's bound: |u| <= 1 / (2 alpha) = max_step
+    out_disp = xp.empty_like(disp)
+    out_runs = xp.zeros((b,), dtype=xp.int32)
+    rows = np.arange(b)  # batch rows of the frames in the working arrays
+    best = xp.full((b,), xp.inf, dtype=xp.float32)
+    stall = xp.zeros((b,), dtype=xp.int32)
+    active = xp.ones((b,), dtype=bool)
+    runs = xp.zeros((b,), dtype=xp.int32)
+    best_disp = disp
+
+    def retire(sel, it_next):
+        """Write out the working frames ``sel`` (host bool mask) after iteration it_next - 1."""
+        r = be.asarray(rows[sel])
+        k = be.asarray(np.flatnonzero(sel))
+        out_disp[r] = best_disp[k]
+        out_runs[r] = runs[k]
+        hist_metric[it_next:, r] = best[k]  # stopped: the metric stays, the update is 0
+        hist_update[it_next:, r] = 0.0
+
+    for it in range(iterations + 1):
+        warped = _warp.warp_batch(be, moving, disp)
+        diff = warped - fixed
+        metric = _metric(diff)
+        improved = active & (metric < best * (1.0 - tolerance))
+        best_disp = xp.where(improved[:, None, None, None], disp, best_disp)
+        best = xp.where(improved, metric, best)
+        stall = xp.where(improved, 0, stall + 1)
+        active = active & (stall < _PATIENCE)
+        if it == iterations:  # the last pass only evaluates the final field
+            break
+        hist_metric[it, be.asarray(rows)] = metric
+        if force == "symmetric":
+            g = 0.5 * (grad_fixed + _warp.gradient(be, warped))
+        else:
+            g = xp.broadcast_to(grad_fixed, (moving.shape[0], *grad_fixed.shape[1:]))
+        denom = (g * g).sum(axis=1) + alpha2 * diff * diff
+        # Flat regions with no difference carry no information: no force there.
+        scale = xp.where(denom > 1e-9, -diff / xp.maximum(denom, 1e-9), 0.0)
+        scale *= active[:, None, None]
+        u = g * scale[:, None].astype(g.dtype, copy=False)
+        u = _warp.smooth(be, u, sigma_update)
+        hist_update[it, be.asarray(rows)] = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        if diffeomorphic:
+            new = _warp.compose(be, disp, _warp.exponential(be, u, max_step))
+        else:
+            new = disp + u
+        new = _warp.smooth(be, new, sigma_field)
+        # Stopped frames keep their field (repeated elastic smoothing would erode it).
+        disp = xp.where(active[:, None, None, None], new, disp)
+        runs += active
+        bar.update(1)
+        if (it + 1) % _CHECK_EVERY == 0 and it + 1 < iterations:
+            act = np.asarray(be.to_numpy(active), dtype=bool)
+            if not act.all():
+                retire(~act, it + 1)
+                if not act.any():
+                    bar.update(iterations - it - 1)
+                    return out_disp, out_runs
+                keep = be.asarray(np.flatnonzero(act))
+                moving, disp, best_disp = moving[keep], disp[keep], best_disp[keep]
+                best, stall, active, runs = best[keep], stall[keep], active[keep], runs[keep]
+                rows = rows[act]
+    retire(np.ones(len(rows), dtype=bool), min(it + 1, iterations))
+    return out_disp, out_runs
+
+
+def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
+                    diffeomorphic=True, sigma_field=2.0, sigma_update=0.0, sigma_image=1.0,
+                    max_step=0.5, levels=1, rounds=1, tolerance=1e-3, order=1,
+                    keep_fields=True, batch_size="auto", progress=False, backend=None):
+    """Warp every frame of a (rigidly registered) stack onto the mean with batched demons.
+
+    Parameters
+    ----------
+    stack : (n, h, w) array
+        NumPy or CuPy array (or sidpy Dataset), rigidly registered (see
+        :func:`stemgpu.register_rigid`): demons corrects distortions of a pixel or two, not
+        frame offsets.
+    reference : (h, w) array, optional
+        The image to register onto. Default: the stack mean, re-averaged from the registered
+        frames between ``rounds``. With a reference given, one round is run.
+    iterations : int or sequence of int
+        Iterations per pyramid level (a sequence: one per level, coarse to fine).
+    force : {"symmetric", "thirion"}
+        ``"symmetric"``: the ESM force from the mean of the fixed and warped gradients
+        (converges faster and is more accurate at low dose); ``"thirion"``: fixed gradient.
+    diffeomorphic : bool
+        Compose updates through the exponential map (invertible fields) rather than adding
+        them.
+    sigma_field : float or (row, col) pair
+        Gaussian width (px) smoothing the field after every iteration ("elastic"
+        regularisation). Scan distortions vary from line to line: a smaller row width
+        follows line jitter more closely at the price of more noise.
+    sigma_update : float or (row, col) pair
+        Gaussian width (px) smoothing each update ("fluid" regularisation); 0 = none.
+    sigma_image : float or (row, col) pair
+        Gaussian width (px) pre-smoothing frames and reference for the force (the shot noise
+        of low-dose frames would otherwise dominate the gradients); the output is warped
+        from the unsmoothed frames.
+    max_step : float
+        Largest update per iteration, px (sets the demons normaliser
+        ``alpha = 1 / (2 max_step)``).
+    levels : int
+        Pyramid levels (2 x 2 binning per level); use 2-3 for distortions over ~2 px.
+    rounds : int
+        Times the mean reference is re-averaged from the registered frames (each round
+        registers the original frames afresh onto the new mean).
+    tolerance : float
+        A frame stops when its metric has not improved by this relative amount for 5
+        iterations; the field with the lowest metric is kept.
+    order : {0, 1, 3}
+        Interpolation order of the final warp (iterations use bilinear warping).
+    keep_fields : bool
+        Return the displacement fields (n x 2 x h x w float32); ``False`` saves the memory.
+    batch_size : int or "auto"
+        Frames advanced together; ``"auto"`` sizes batches from free device (or host)
+        memory.
+    progress : bool
+        Show a tqdm progress bar over iterations.
+    backend : {"numpy", "cupy", "auto"}, optional
+
+    Returns
+    -------
+    DemonsResult
+        ``registered``, ``displacement`` (convention ``registered(x) = moving(x + d(x))``),
+        per-frame and per-iteration metrics, ``flagged`` frames and the ``parameters``.
+
+    Raises
+    ------
+    ValueError
+        For a malformed stack (not 3-D, NaN/inf pixels), a reference of the wrong shape,
+        or an option outside its accepted values (the message names it).
+    TypeError
+        For an unsupported container or dtype.
+
+    Notes
+    -----
+    Frames and reference are scaled by a common factor (the reference's standard deviation,
+    after matching each frame's mean to the reference's) so that parameters do not depend
+    on the dose. The field is float32 (sub-picometre increments on a ~1 px field are well
+    within float32's 1e-7 relative precision).
+
+    Choosing options (measured on simulated SrTiO3 at 300 counts, 8 x 256 x 256):
+
+    * line jitter (0.35 px per line): the defaults cut the across-frame scatter of fitted
+      column positions from 0.139 px to 0.034 px (SimpleITK FastSymmetricForcesDemons,
+      50 iterations, sigma 2: 0.039 px). Independent lines cannot be resolved by a field
+      smoothed over ~2 px; the column-scale part of the jitter is what is removed.
+    * smooth scan distortion (0.5 px RMS): ``sigma_field=3`` recovers the field at the
+      columns to 0.063 px RMS (0.090 px with the default 2).
+    * distortions over ~1 px: ``levels=2`` or 3; a second round helps only when the first
+      mean is badly blurred (no measurable gain in the two cases above).
+
+    Examples
+    --------
+    >>> from stemgpu.synthetic import simulate_stack
+    >>> from stemgpu.registration.demons import register_demons
+    >>> stack, truth = simulate_stack((3, 48, 48), line_jitter_px=0.3, dose=None, seed=2)
+    >>> res = register_demons(stack, iterations=10, backend="numpy")
+    >>> res.registered.shape, res.displacement.shape
+    ((3, 48, 48), (3, 2, 48, 48))
+    >>> bool((res.metric_after <= res.metric_before).all())
+    True
+    """
+    # ---- validation at the boundary
+    if force not in _FORCES:
+        raise ValueError(f"force={force!r} is not accepted; use one of 'symmetric', 'thirion'")
+    if not isinstance(diffeomorphic, bool):
+        raise ValueError(f"diffeomorphic must be True or False; got {diffeomorphic!r}")
+    if not isinstance(keep_fields, bool):
+        raise ValueError(f"keep_fields must be True or False; got {keep_fields!r}")
+    if order not in _ORDERS or isinstance(order, bool):
+        raise ValueError(f"order={order!r} is not accepted; use one of 0, 1, 3")
+    levels = _check_int(levels, "levels", 1)
+    rounds = _check_int(rounds, "rounds", 1)
+    its = _check_iterations(iterations, levels)
+    s_field = _check_sigma(sigma_field, "sigma_field")
+    s_update = _check_sigma(sigma_update, "sigma_update")
+    s_image = _check_sigma(sigma_image, "sigma_image")
+    max_step = _check_positive(max_step, "max_step")
+    ok = isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
+    if not ok or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a number in [0, 1); got {tolerance!r}")
+    cal = as_stack(stack, name="stack", min_frames=1 if reference is not None else 2,
+                   backend=backend)
+    be = cal.backend
+    xp = be.xp
+    frames = cal.data
+    n, h, w = frames.shape
+    if min(h, w) < 2**levels:
+        raise ValueError(f"levels={levels} needs frames of at least {2**levels} px; got "
+                         f"{(h, w)}")
+    if reference is not None:
+        ref = as_image(reference, name="reference", backend=be).data
+        if tuple(ref.shape) != (h, w):
+            raise ValueError(f"reference must have the frame shape {(h, w)}; got "
+                             f"{tuple(ref.shape)}")
+        ref = ref.astype(frames.dtype, copy=False)
+        rounds = 1
+    else:
+        ref = frames.mean(axis=0)
+    bsize = _auto_batch(be, frames.shape, batch_size)
+    parameters = dict(iterations=its, force=force, diffeomorphic=diffeomorphic,
+                      sigma_field=s_field, sigma_update=s_update, sigma_image=s_image,
+                      max_step=max_step, levels=levels, rounds=rounds, tolerance=tolerance,
+                      order=order, keep_fields=keep_fields, batch_size=bsize,
+                      reference="given" if reference is not None else "mean",
+                      backend=be.name)
+
+    f32 = xp.float32
+    itmax = max(its)
+    hist_metric = xp.zeros((rounds, levels, itmax, n), dtype=f32)
+    hist_update = xp.zeros((rounds, levels, itmax, n), dtype=f32)
+    # Each frame's mean matched to the reference's: a gain change is not a distortion.
+    frame_means = frames.mean(axis=(1, 2))
+    registered = xp.empty_like(frames)
+    displacement = xp.zeros((n, 2, h, w), dtype=f32) if keep_fields else None
+    metric_before = xp.zeros(n, dtype=f32)
+    metric_after = xp.zeros(n, dtype=f32)
+    iterations_run = xp.zeros(n, dtype=xp.int32)
+    flagged = xp.zeros(n, dtype=bool)
+
+    n_batches = -(-n // bsize)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rounds * n_batches * sum(its), desc="demons", unit="it",
+               disable=not progress, leave=False)
+    try:
+        for rnd in range(rounds):
+            mu = ref.mean()
+            sd = xp.maximum(ref.std(), xp.finfo(f32).tiny)
+            fixed = _pyramid(be, ((ref - mu) / sd).astype(f32)[None], levels, s_image)
+            grads = [_warp.gradient(be, f) for f in fixed]
+            gain = (mu / xp.maximum(frame_means, xp.finfo(f32).tiny)).astype(f32)
+            for start in range(0, n, bsize):
+                stop = min(n, start + bsize)
+                raw = frames[start:stop]
+                norm = ((raw * gain[start:stop, None, None] - mu) / sd).astype(f32)
+                moving = _pyramid(be, norm, levels, s_image)
+                lev_shape = moving[-1].shape[1:]
+                disp = xp.zeros((stop - start, 2, *lev_shape), dtype=f32)
+                for k, lev in enumerate(range(levels - 1, -1, -1)):
+                    shape = moving[lev].shape[1:]
+                    if tuple(disp.shape[2:]) != tuple(shape):
+                        fac = (shape[0] / disp.shape[2], shape[1] / disp.shape[3])
+                        b_ = disp.shape[0]
+                        up = _warp.resample(be, disp.reshape(2 * b_, *disp.shape[2:]), shape)
+                        disp = up.reshape(b_, 2, *shape)
+                        disp[:, 0] *= fac[0]
+                        disp[:, 1] *= fac[1]
+                    disp, runs = _run_level(
+                        be, moving[lev], fixed[lev], grads[lev], disp, iterations=its[k],
+                        force=force, diffeomorphic=diffeomorphic, sigma_field=s_field,
+                        sigma_update=s_update, max_step=max_step, tolerance=tolerance,
+                        hist_metric=hist_metric[rnd, k, :, start:stop],
+                        hist_update=hist_update[rnd, k, :, start:stop], bar=bar)
+                before = _metric(moving[0] - fixed[0])
+                after = _metric(_warp.warp_batch(be, moving[0], disp) - fixed[0])
+                # A field that makes the match worse is a failure, not a registration.
+                bad = after > before
+                disp = xp.where(bad[:, None, None, None], 0.0, disp).astype(f32, copy=False)
+                after = xp.where(bad, before, after)
+                registered[start:stop] = _warp.warp_batch(be, raw, disp.astype(raw.dtype),
+                                                          order=order)
+                if keep_fields:
+                    displacement[start:stop] = disp
+                metric_before[start:stop] = before
+                metric_after[start:stop] = after
+                iterations_run[start:stop] = runs
+                flagged[start:stop] = bad
+            good = ~flagged
+            n_good = good.sum()
+            new_mean = (registered * good[:, None, None]).sum(axis=0) / xp.maximum(n_good, 1)
+            if rnd + 1 < rounds:
+                ref = new_mean.astype(frames.dtype, copy=False)
+    finally:
+        bar.close()
+
+    return DemonsResult(
+        registered=registered,
+        displacement=displacement,
+        reference=ref,
+        mean=new_mean,
+        metric_before=metric_before,
+        metric_after=metric_after,
+        metric_history=hist_metric,
+        update_history=hist_update,
+        iterations=iterations_run,
+        flagged=flagged,
+        parameters=parameters,
+    )
