@@ -1,0 +1,122 @@
+"""Every CUDA kernel compiles with NVRTC, with exactly the options the runtime loader passes.
+
+NVRTC comes from the pip packages ``cuda-python`` (``cuda.bindings.nvrtc``) and
+``nvidia-cuda-nvrtc``; no GPU is needed. The sources are also checked against the model
+registry of :mod:`stemgpu.atoms.models` without any compiler.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from stemgpu.atoms import models
+from stemgpu.kernel_sources import (
+    KERNEL_SOURCE,
+    MODEL_STRUCTS,
+    kernel_dir,
+    kernel_name,
+    name_expressions,
+    nvrtc_options,
+    read_source,
+)
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:  # older cuda-python layout
+        try:
+            from cuda import nvrtc
+        except ImportError:
+            pytest.skip("cuda-python (NVRTC bindings) is not installed")
+    return nvrtc
+
+
+def _check(nvrtc, result):
+    err, *rest = result
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"NVRTC call failed: {err}"
+    return rest[0] if len(rest) == 1 else rest
+
+
+def _compile(arch):
+    """Compile lm_fit.cu with the loader's options for ``arch``; returns (log, lowered names)."""
+    nvrtc = _nvrtc()
+    src = read_source(KERNEL_SOURCE).encode()
+    prog = _check(nvrtc, nvrtc.nvrtcCreateProgram(src, KERNEL_SOURCE.encode(), 0, [], []))
+    try:
+        for name in name_expressions():
+            _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        opts = [o.encode() for o in nvrtc_options()] + [f"--gpu-architecture={arch}".encode()]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog))
+        log = b" " * size
+        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log))
+        log = log.decode(errors="replace").rstrip("\x00 ")
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{arch}: compilation failed:\n{log}"
+        lowered = {}
+        for name in name_expressions():
+            low = _check(nvrtc, nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+            lowered[name] = low.decode() if isinstance(low, bytes) else str(low)
+        cubin_size = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog))
+        return log, lowered, cubin_size
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernels_compile_with_nvrtc(arch):
+    log, lowered, cubin_size = _compile(arch)
+    assert "warning" not in log.lower(), log
+    assert len(lowered) == len(name_expressions()) == 12
+    # every specialisation is a distinct mangled kernel carrying its name
+    assert len(set(lowered.values())) == len(lowered)
+    assert all("lm_fit_kernel" in low for low in lowered.values())
+    assert cubin_size > 0
+
+
+def test_name_expressions_cover_registry():
+    assert set(MODEL_STRUCTS) == set(models.MODELS)
+    assert kernel_name("gaussian", "mle", "float32", "float32") == (
+        "stemgpu::lm_fit_kernel<float, float, stemgpu::Gaussian, 0>")
+    with pytest.raises(ValueError, match=r"model='lorentz' has no CUDA kernel; accepted"):
+        kernel_name("lorentz", "mle", "float32", "float32")
+    with pytest.raises(ValueError, match=r"estimator='l1' is not known"):
+        kernel_name("gaussian", "l1", "float32", "float32")
+    with pytest.raises(ValueError, match=r"dtypes \('float64', 'float32'\) are not"):
+        kernel_name("gaussian", "mle", "float64", "float32")
+
+
+def test_model_headers_match_registry():
+    """One ``model_<name>.cuh`` per registered model, declaring the registry's parameters."""
+    for name, mdl in models.MODELS.items():
+        path = kernel_dir() / f"model_{name}.cuh"
+        assert path.is_file(), f"missing {path.name}"
+        text = path.read_text()
+        decl = re.search(r"STEMGPU_MODEL (\w+): ([\w, ]+)", text)
+        assert decl and decl.group(1) == name
+        assert tuple(p.strip() for p in decl.group(2).split(",")) == mdl.param_names
+        assert re.search(rf"static constexpr int P = {mdl.n_params};", text)
+        for field, value in (("AMP", mdl.amplitude), ("ROW", mdl.position[0]),
+                             ("COL", mdl.position[1]), ("BKG", mdl.background),
+                             ("NW", len(mdl.widths)),
+                             ("ANGLE", -1 if mdl.angle is None else mdl.angle)):
+            assert re.search(rf"static constexpr int {field} = {value};", text), (name, field)
+    assert sorted(p.name for p in kernel_dir().glob("model_*.cuh")) == sorted(
+        f"model_{n}.cuh" for n in models.MODELS)
+
+
+def test_status_codes_in_source_match_registry():
+    text = read_source("common.cuh")
+    for name, code in (("CONVERGED", models.CONVERGED), ("MAX_ITER", models.MAX_ITER),
+                       ("SINGULAR", models.SINGULAR), ("OUT_OF_BOUNDS", models.OUT_OF_BOUNDS),
+                       ("DIVERGED", models.DIVERGED), ("FLAT", models.FLAT),
+                       ("INVALID_INPUT", models.INVALID_INPUT)):
+        assert re.search(rf"ST_{name} = {code};", text), name
+
+
+def test_loader_options_are_the_tested_ones():
+    opts = nvrtc_options()
+    assert f"-I{kernel_dir()}" in opts
+    assert not any("fast-math" in o or "fmad" in o for o in opts)
