@@ -1,0 +1,397 @@
+"""Nion Swift readers, lazy frame sources and sidpy adapters.
+
+Every test file is written here following Nion Swift's documented layout: ``.ndata1`` is a
+zip holding ``data.npy`` + ``metadata.json`` (the properties dict), ``.h5`` is an HDF5 file
+with a ``data`` dataset carrying the properties as a JSON string attribute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+import stemgpu
+from stemgpu.io import nion
+from stemgpu.io.lazy import LazyStack, npy_member_layout
+from stemgpu.io.sidpy_io import from_dataset, to_dataset
+from stemgpu.synthetic import simulate_stack
+
+PIXEL_NM = 0.0146  # 14.6 pm
+
+
+def nion_properties(shape, *, sequence=None, units="nm", scale=PIXEL_NM, exposure=0.25,
+                    extra=None):
+    """A Nion Swift properties dict for an image (2-D) or a sequence of images (3-D)."""
+    seq = len(shape) == 3 if sequence is None else sequence
+    cals = [{"offset": 0.0, "scale": 1.0, "units": ""}] if len(shape) == 3 else []
+    cals += [{"offset": -1.5, "scale": scale, "units": units},
+             {"offset": 2.0, "scale": scale, "units": units}]
+    props = {
+        "type": "data_item",
+        "uuid": "5b4a7d0c-7c2e-4a8e-9a42-1f2e3d4c5b6a",
+        "version": 13,
+        "created": "2024-03-05T14:07:31.123456",
+        "timezone": "Europe/Vienna",
+        "timezone_offset": "+0100",
+        "data_shape": list(shape),
+        "data_dtype": "float32",
+        "is_sequence": seq,
+        "collection_dimension_count": 0,
+        "datum_dimension_count": 2,
+        "intensity_calibration": {"offset": 0.0, "scale": 1.0, "units": "counts"},
+        "dimensional_calibrations": cals,
+        "metadata": {
+            "hardware_source": {"hardware_source_id": "superscan",
+                                "hardware_source_name": "SuperScan", "exposure": exposure,
+                                "pixel_time_us": 2.0, "channel_name": "HAADF"},
+            "instrument": {"high_tension": 100000.0, "defocus": 1.5e-9},
+        },
+        "title": "HAADF sequence",
+    }
+    props.update(extra or {})
+    return props
+
+
+def write_ndata1(path, data, props, *, compression=zipfile.ZIP_STORED):
+    buf = io.BytesIO()
+    np.save(buf, data)
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        zf.writestr("metadata.json", json.dumps(props))
+        zf.writestr("data.npy", buf.getvalue())
+    return str(path)
+
+
+def write_nion_h5(path, data, props):
+    with h5py.File(path, "w") as fh:
+        dset = fh.create_dataset("data", data=data)
+        dset.attrs["properties"] = json.dumps(props)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    data, truth = simulate_stack((5, 48, 40), frame_jitter_px=1.5, seed=3)
+    return data, truth
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("fmt", ["ndata1", "ndata1-deflated", "h5"])
+def test_sequence_roundtrip_values_and_calibration(tmp_path, stack, fmt):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    if fmt == "h5":
+        path = write_nion_h5(tmp_path / "seq.h5", data, props)
+    else:
+        comp = zipfile.ZIP_DEFLATED if fmt.endswith("deflated") else zipfile.ZIP_STORED
+        path = write_ndata1(tmp_path / "seq.ndata1", data, props, compression=comp)
+    before = sha(path)
+    ds = stemgpu.open(path)
+    assert ds.shape == data.shape
+    assert ds.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(ds.compute()), data)
+    assert [ds._axes[i].dimension_type.name for i in range(3)] == [
+        "TEMPORAL", "SPATIAL", "SPATIAL"]
+    assert ds._axes[1].units == ds._axes[2].units == "nm"
+    # frame axis in seconds from hardware_source exposure (0.25 s)
+    np.testing.assert_allclose(ds._axes[0].values, np.arange(5) * 0.25)
+    assert ds._axes[0].units == "s"
+    # spatial calibration: scale 0.0146 nm and the file's offsets, in nm
+    np.testing.assert_allclose(ds._axes[1].values, -1.5 + np.arange(48) * PIXEL_NM, atol=1e-12)
+    np.testing.assert_allclose(ds._axes[2].values, 2.0 + np.arange(40) * PIXEL_NM, atol=1e-12)
+    assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, abs=1e-9)
+    assert stemgpu._inputs.pixel_size_from_dataset(ds) == pytest.approx(14.6, rel=1e-9)
+    assert ds.metadata["created"] == "2024-03-05T14:07:31.123456"
+    assert ds.metadata["timezone"] == "Europe/Vienna"
+    assert ds.metadata["exposure_s"] == 0.25
+    assert ds.metadata["frame_time_s"] == 0.25
+    assert ds.metadata["hardware_source"] == "SuperScan"
+    assert ds.original_metadata == props  # every original key kept
+    assert ds.units == "counts"
+    assert sha(path) == before  # reading never modifies the file
+    expected_kind = {"ndata1": "memmap", "ndata1-deflated": "zip-compressed", "h5": "hdf5"}
+    assert ds.metadata["source"]["storage"] == expected_kind[fmt]
+
+
+def test_ndata1_is_memory_mapped_at_member_offset(tmp_path, stack):
+    data, _ = stack
+    path = write_ndata1(tmp_path / "seq.ndata1", data, nion_properties(data.shape))
+    offset, shape, dtype, fortran = npy_member_layout(path)
+    assert (shape, dtype, fortran) == (data.shape, np.dtype("float32"), False)
+    raw = open(path, "rb").read()
+    assert raw[offset:offset + data.nbytes] == data.tobytes()
+    src = nion.open_frames(path)
+    assert src.kind == "memmap"
+    assert src.pixel_size_pm == pytest.approx(14.6)
+
+
+def test_lazy_dataset_does_not_read_until_computed(tmp_path, stack, monkeypatch):
+    data, _ = stack
+    path = write_nion_h5(tmp_path / "seq.h5", data, nion_properties(data.shape))
+    reads = []
+    original = LazyStack.__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(LazyStack, "__getitem__", spy)
+    ds = nion.read_nion(path, lazy=True)
+    assert reads == []
+    np.testing.assert_array_equal(np.asarray(ds[2:4].compute()), data[2:4])
+    assert reads  # frames were read on demand
+    eager = nion.read_nion(path, lazy=False)
+    np.testing.assert_array_equal(np.asarray(eager.compute()), data)
+
+
+def test_h5_opened_read_only(tmp_path, stack, monkeypatch):
+    data, _ = stack
+    path = write_nion_h5(tmp_path / "seq.h5", data, nion_properties(data.shape))
+    modes = []
+    real_file = h5py.File
+
+    def spy(name, mode="r", *args, **kwargs):
+        modes.append(mode)
+        return real_file(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", spy)
+    ds = stemgpu.open(path)
+    ds.compute()
+    src = nion.open_frames(path)
+    src[0]
+    src.close()
+    assert modes and set(modes) == {"r"}
+
+
+def test_image_and_units(tmp_path, stack):
+    data, _ = stack
+    img = data[0]
+    props = nion_properties(img.shape, units="Å", scale=0.146)
+    ds = stemgpu.open(write_ndata1(tmp_path / "img.ndata1", img, props))
+    assert ds.shape == img.shape
+    assert [ds._axes[i].dimension_type.name for i in range(2)] == ["SPATIAL", "SPATIAL"]
+    assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, abs=1e-9)
+    assert ds._axes[0].units == "nm"
+    np.testing.assert_allclose(ds._axes[0].values[:2], [-0.15, -0.15 + 0.0146], atol=1e-12)
+    props = nion_properties(img.shape, units="µm", scale=1.46e-5)
+    ds = stemgpu.open(write_nion_h5(tmp_path / "img.h5", img, props))
+    assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, rel=1e-9)
+
+
+def test_frame_time_from_sequence_calibration_and_pixel_time(tmp_path, stack):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    props["dimensional_calibrations"][0] = {"offset": 0.0, "scale": 400.0, "units": "ms"}
+    ds = stemgpu.open(write_ndata1(tmp_path / "a.ndata1", data, props))
+    assert ds.metadata["frame_time_s"] == pytest.approx(0.4)
+    props = nion_properties(data.shape)
+    del props["metadata"]["hardware_source"]["exposure"]
+    ds = stemgpu.open(write_ndata1(tmp_path / "b.ndata1", data, props))
+    assert ds.metadata["frame_time_s"] == pytest.approx(2e-6 * 48 * 40)
+    props = nion_properties(data.shape)
+    props["metadata"] = {}
+    ds = stemgpu.open(write_ndata1(tmp_path / "c.ndata1", data, props))
+    assert "frame_time_s" not in ds.metadata
+    assert ds._axes[0].units == "frame"
+
+
+def test_pixel_size_keyword_overrides_and_replaces_missing(tmp_path, stack):
+    data, _ = stack
+    props = nion_properties(data.shape, units="", scale=1.0)
+    path = write_ndata1(tmp_path / "uncal.ndata1", data, props)
+    with pytest.raises(ValueError, match=r"uncal\.ndata1.*missing spatial calibration.*"
+                                         r"pixel_size="):
+        stemgpu.open(path)
+    ds = stemgpu.open(path, pixel_size=20.0)
+    assert ds.metadata["pixel_size_pm"] == 20.0
+    assert ds.metadata["pixel_size_source"] == "pixel_size="
+    cal = write_ndata1(tmp_path / "cal.ndata1", data, nion_properties(data.shape))
+    assert stemgpu.open(cal, pixel_size=15.0).metadata["pixel_size_pm"] == 15.0
+    with pytest.raises(ValueError, match="pixel_size must be a positive number"):
+        stemgpu.open(cal, pixel_size=-1)
+
+
+def test_public_functions_take_calibration_from_nion_dataset(tmp_path, stack):
+    data, _ = stack
+    ds = stemgpu.open(write_ndata1(tmp_path / "seq.ndata1", data, nion_properties(data.shape)))
+    res = stemgpu.register_rigid(ds, backend="numpy")
+    assert res.pixel_size_pm == pytest.approx(14.6)
+    plain = stemgpu.register_rigid(data, backend="numpy")
+    assert plain.pixel_size_pm is None
+    np.testing.assert_array_equal(res.shifts, plain.shifts)  # same pixels, same answer
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.ndata1.*no such file"):
+        stemgpu.open(tmp_path / "nothere.ndata1")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike; got int"):
+        stemgpu.open(3)
+
+
+def test_not_a_nion_file(tmp_path):
+    txt = tmp_path / "notes.ndata1"
+    txt.write_text("hello")
+    with pytest.raises(nion.NionFormatError, match=r"notes\.ndata1.*not a Nion file"):
+        stemgpu.open(txt)
+    other = tmp_path / "other.txt"
+    other.write_text("hello")
+    with pytest.raises(ValueError, match=r"other\.txt.*not a Nion file"):
+        stemgpu.open(other)
+    zpath = tmp_path / "wrong.ndata1"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("readme.txt", "x")
+    with pytest.raises(ValueError, match=r"wrong\.ndata1.*lacks data\.npy"):
+        stemgpu.open(zpath)
+    hpath = tmp_path / "plain.h5"
+    with h5py.File(hpath, "w") as fh:
+        fh["image"] = np.zeros((4, 4))
+    with pytest.raises(ValueError, match=r"plain\.h5.*not a Nion file.*'image'"):
+        stemgpu.open(hpath)
+    bad_json = tmp_path / "badjson.h5"
+    with h5py.File(bad_json, "w") as fh:
+        fh["data"] = np.zeros((4, 4))
+        fh["data"].attrs["properties"] = "{not json"
+    with pytest.raises(ValueError, match=r"badjson\.h5.*not valid JSON"):
+        stemgpu.open(bad_json)
+
+
+def test_truncated_zip(tmp_path, stack):
+    data, _ = stack
+    path = write_ndata1(tmp_path / "cut.ndata1", data, nion_properties(data.shape))
+    raw = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.ndata1.*truncated or corrupt zip"):
+        stemgpu.open(path)
+    h5path = write_nion_h5(tmp_path / "cut.h5", data, nion_properties(data.shape))
+    raw = open(h5path, "rb").read()
+    with open(h5path, "wb") as fh:
+        fh.write(raw[: len(raw) // 3])
+    with pytest.raises(ValueError, match=r"cut\.h5.*truncated or corrupt HDF5"):
+        stemgpu.open(h5path)
+
+
+@pytest.mark.parametrize("case", ["4d", "spectrum", "rgb", "mismatch", "complex"])
+def test_unsupported_dimensionality(tmp_path, case):
+    if case == "4d":
+        data = np.zeros((3, 4, 5, 6), np.float32)
+        props = nion_properties((5, 6), extra={"collection_dimension_count": 2,
+                                               "is_sequence": False})
+        props["dimensional_calibrations"] = [{"scale": 1, "units": "nm"}] * 4
+        msg = r"4d\.ndata1.*unsupported dimensionality.*4-D STEM"
+    elif case == "spectrum":
+        data = np.zeros(100, np.float32)
+        props = nion_properties((100,), sequence=False, extra={"datum_dimension_count": 1})
+        props["dimensional_calibrations"] = [{"scale": 1, "units": "eV"}]
+        msg = r"spectrum\.ndata1.*unsupported dimensionality.*spectra"
+    elif case == "rgb":
+        data = np.zeros((8, 8, 3), np.uint8)
+        props = nion_properties((8, 8), sequence=False)
+        msg = r"rgb\.ndata1.*unsupported dimensionality.*RGB"
+    elif case == "mismatch":
+        data = np.zeros((8, 8), np.float32)
+        props = nion_properties((2, 8, 8), sequence=True)
+        msg = r"mismatch\.ndata1.*descriptor does not match"
+    else:
+        data = np.zeros((8, 8), np.complex64)
+        props = nion_properties((8, 8))
+        msg = r"complex\.ndata1.*unsupported data type complex64"
+    path = write_ndata1(tmp_path / f"{case}.ndata1", data, props)
+    with pytest.raises(ValueError, match=msg):
+        stemgpu.open(path)
+
+
+def test_non_square_pixels(tmp_path, stack):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    props["dimensional_calibrations"][2]["scale"] = 0.02
+    with pytest.raises(ValueError, match=r"sq\.ndata1.*non-square pixels"):
+        stemgpu.open(write_ndata1(tmp_path / "sq.ndata1", data, props))
+
+
+# ------------------------------------------------------------------------------- lazy source
+
+
+@pytest.mark.parametrize("fmt", ["memmap", "h5", "deflated"])
+def test_lazy_stack_indexing_matches_numpy(tmp_path, stack, fmt):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    if fmt == "h5":
+        src = nion.open_frames(write_nion_h5(tmp_path / "s.h5", data, props))
+    else:
+        comp = zipfile.ZIP_DEFLATED if fmt == "deflated" else zipfile.ZIP_STORED
+        src = nion.open_frames(write_ndata1(tmp_path / "s.ndata1", data, props,
+                                            compression=comp))
+    with src:
+        assert src.shape == data.shape and len(src) == 5 and src.dtype == np.float32
+        for key in [1, -1, slice(1, 4), slice(None, None, 2), slice(4, 0, -2),
+                    (slice(0, 2), slice(3, 9), 5), (2, 7), [3, 0, 3], np.array([4, 1]),
+                    np.array([True, False, True, False, True]), ..., (Ellipsis, 0)]:
+            got = src[key]
+            assert isinstance(got, np.ndarray)
+            np.testing.assert_array_equal(got, data[key], err_msg=str(key))
+        batches = list(src.iter_batches(2))
+        assert [b.shape[0] for b in batches] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(batches), data)
+        np.testing.assert_array_equal(np.asarray(src), data)
+        with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
+            next(src.iter_batches(0))
+
+
+def test_lazy_view_does_not_alias_memmap(tmp_path, stack):
+    data, _ = stack
+    src = nion.open_frames(write_ndata1(tmp_path / "s.ndata1", data,
+                                        nion_properties(data.shape)))
+    frame = src[0]
+    frame[:] = -1  # must not touch the read-only map
+    np.testing.assert_array_equal(src[0], data[0])
+
+
+# ------------------------------------------------------------------------------- sidpy adapters
+
+
+def test_to_dataset_from_dataset_calibration_both_ways(stack):
+    data, _ = stack
+    ds = to_dataset(data, pixel_size=14.6, frame_time_s=0.5, title="x")
+    assert ds.data_type.name == "IMAGE_STACK"
+    assert ds._axes[0].dimension_type.name == "TEMPORAL" and ds._axes[0].units == "s"
+    cal = from_dataset(ds, backend="numpy")
+    assert cal.pixel_size_pm == pytest.approx(14.6, rel=1e-12)
+    np.testing.assert_array_equal(cal.data, data)
+    img = to_dataset(data[0])
+    assert img.data_type.name == "IMAGE" and img._axes[0].units == "pixel"
+    assert from_dataset(img).pixel_size_pm is None
+    with pytest.raises(ValueError, match=r"array must be a 2-D image .* got shape \(3,\)"):
+        to_dataset(np.zeros(3))
+    with pytest.raises(ValueError, match="pixel_size must be a positive number in pm; got 0.0"):
+        to_dataset(data, pixel_size=0)
+    with pytest.raises(ValueError, match="frame_time_s must be a positive number"):
+        to_dataset(data, frame_time_s=-1)
+    with pytest.raises(TypeError, match="dataset must be a sidpy.Dataset; got ndarray"):
+        from_dataset(data)
+
+
+def test_legacy_item_without_descriptor(tmp_path, stack):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    for key in ("is_sequence", "collection_dimension_count", "datum_dimension_count"):
+        del props[key]
+    ds = stemgpu.open(write_ndata1(tmp_path / "legacy.ndata1", data, props))
+    assert ds.shape == data.shape and ds._axes[0].dimension_type.name == "TEMPORAL"
+    props["dimensional_calibrations"][2] = {"offset": 0, "scale": 0.1, "units": "eV"}
+    with pytest.raises(ValueError, match=r"legacy_si\.ndata1.*unsupported dimensionality.*eV"):
+        stemgpu.open(write_ndata1(tmp_path / "legacy_si.ndata1", data, props))
