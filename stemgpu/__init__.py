@@ -46,6 +46,7 @@ _LAZY = {
     "estimate_distortion": "stemgpu.lattice.distortion",
     "correct_distortion": "stemgpu.lattice.distortion",
     "open": "stemgpu.io.nion",
+    "open_frames": "stemgpu.io.nion",
     "save": "stemgpu.io.results",
     "load": "stemgpu.io.results",
     "analyze": "stemgpu.pipeline",

@@ -64,9 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             be = resolve_backend(name)
             print(f"         device: {be.device_name}, free memory "
                   f"{be.free_memory() / 1024**3:.1f} GiB")
-    from .kernel_sources import kernel_directory
+    from .kernel_sources import kernel_dir
 
-    print(f"CUDA kernel sources: {kernel_directory()}")
+    print(f"CUDA kernel sources: {kernel_dir()}")
     return EXIT_OK
 
 
@@ -80,9 +80,152 @@ def _parse_steps(text: str) -> tuple[str, ...]:
     return steps
 
 
+def read_input(path: str, *, pixel_size: float | None = None):
+    """Open ``path`` as a calibrated sidpy Dataset: Nion ``.ndata1``/``.h5`` or pyNSID HDF5.
+
+    Raises ``ValueError`` with a one-line message naming the file for anything else.
+    """
+    import os
+
+    from .io.nion import NionFormatError, read_nion
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, not a data file")
+    try:
+        return read_nion(path, lazy=False, pixel_size=pixel_size)
+    except NionFormatError as nion_error:
+        if not path.lower().endswith((".h5", ".hdf5", ".nsid")):
+            raise
+        dataset = _read_nsid(path)
+        if dataset is None:
+            raise ValueError(f"{path}: neither a Nion file ({nion_error}) nor an HDF5 file "
+                             "holding a pyNSID image or image stack") from None
+        return dataset
+
+
+def _read_nsid(path: str):
+    import warnings
+
+    import h5py
+
+    try:
+        h5py.File(path, "r").close()
+    except OSError:
+        return None
+    try:
+        from pyNSID.io.hdf_io import NSIDReader
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datasets = NSIDReader(path).read()
+    except Exception:  # a foreign HDF5 layout: the caller reports it in one line
+        return None
+    if isinstance(datasets, dict):
+        datasets = list(datasets.values())
+    for ds in datasets or []:
+        if ds.ndim in (2, 3):
+            return ds
+    return None
+
+
+def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
+             quiet=False, figure=None) -> int:
+    """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
+    import os
+
+    import numpy as np
+
+    from .io.results import save
+    from .pipeline import analyze
+
+    say = _Quiet(quiet)
+    ds = read_input(os.fspath(path), pixel_size=pixel_size)
+    steps = tuple(steps)
+    if ds.ndim == 2 and {"rigid", "demons"} & set(steps):
+        steps = tuple(s for s in steps if s not in ("rigid", "demons"))
+        say(f"{path}: a single image; running {', '.join(steps) or 'nothing'}")
+        if not steps:
+            raise ValueError("--steps: rigid/demons need an image stack; this file holds one "
+                             "image")
+    if ds.ndim == 3 and ds.shape[0] < 3 and "rigid" in steps:
+        raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3")
+    say(f"{path}: {tuple(ds.shape)} at {ds.metadata.get('pixel_size_pm', pixel_size)} pm/px")
+    analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
+                       progress=not quiet)
+    say(analysis.summary(as_text=True))
+    out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
+    if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
+        raise ValueError(f"--out {out}: would overwrite the input file")
+    save(analysis, out, overwrite=True, source=os.fspath(path))
+    say(f"results: {os.path.abspath(out)}")
+    if figure:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        plt.close(analysis.plot_report(figure))
+        say(f"report figure: {os.path.abspath(figure)}")
+    if analysis.atoms is not None:
+        ok = np.asarray(analysis.atoms.status) == 0
+        if not ok.any():
+            print(f"stemgpu: {path}: no atom column fit converged", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def quick_bench(*, size: int = 512, frames: int = 10, quiet: bool = False) -> int:
+    """``stemgpu bench``: time each stage on every available backend, print a table."""
+    import time
+
+    from .backend import available_backends, resolve_backend
+    from .synthetic import simulate_stack
+
+    if size < 64 or frames < 3:
+        raise ValueError(f"--size must be >= 64 and --frames >= 3; got {size}, {frames}")
+    stack, truth = simulate_stack((frames, size, size), frame_jitter_px=0.3,
+                                  line_jitter_px=0.05, seed=0)
+    names = [n for n, state in available_backends().items() if state == "available"]
+    from .atoms.fit import fit_atoms
+    from .registration.demons import register_demons
+    from .registration.rigid import register_rigid
+
+    keep = truth.visible(0, margin=10)
+    start = truth.image_positions(0)[keep]
+
+    stages = {
+        "rigid": lambda be, s: register_rigid(s, backend=be),
+        "demons (20 it.)": lambda be, s: register_demons(s, iterations=20, backend=be),
+        "fit (frame 0)": lambda be, s: fit_atoms(s[0], start, sigma=truth.probe_sigma_px,
+                                                 backend=be),
+    }
+    table = {}
+    for name in names:
+        be = resolve_backend(name)
+        data = be.asarray(stack)
+        for stage, fn in stages.items():
+            fn(be, data)  # warm-up: kernel compilation, FFT plans
+            be.synchronize()
+            t = time.perf_counter()
+            fn(be, data)
+            be.synchronize()
+            table[(stage, name)] = time.perf_counter() - t
+    print(f"stemgpu bench: {frames} x {size} x {size} SrTiO3 stack, {int(keep.sum())} columns")
+    head = "stage".ljust(18) + "".join(n.rjust(12) for n in names)
+    print(head)
+    for stage in stages:
+        print(stage.ljust(18) + "".join(f"{table[(stage, n)]:11.3f}s" for n in names))
+    for name in names:
+        be = resolve_backend(name)
+        print(f"{name}: {be.device_name}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate a SrTiO3 stack with known truth, analyse it, compare with the truth."""
-    from .pipeline import run_demo
+    from .demo import run_demo
 
     return run_demo(out=args.out, backend=args.backend, quiet=args.quiet, frames=args.frames,
                     size=args.size, seed=args.seed, figure=args.figure)
@@ -90,26 +233,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Analyse a Nion / HDF5 file."""
-    from .pipeline import run_file
-
     return run_file(args.file, out=args.out, backend=args.backend, steps=args.steps,
                     pixel_size=args.pixel_size, quiet=args.quiet, figure=args.figure)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Quick backend comparison on this machine."""
-    from .pipeline import quick_bench
-
     return quick_bench(size=args.size, frames=args.frames, quiet=args.quiet)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``stemgpu: error: ...``, exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stemgpu",
         description="Quantitative atomic-resolution STEM: registration, atom fitting, "
         "unit cells and strain on NumPy or CuPy.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="versions, backends, device")
     p.set_defaults(func=cmd_info)
@@ -119,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="stemgpu-demo.h5", help="results file (default %(default)s)")
     p.add_argument("--figure", default="stemgpu-demo.png", help="report figure (PNG)")
     p.add_argument("--backend", default=None, help=backend_help)
-    p.add_argument("--frames", type=int, default=12, help="frames to simulate")
-    p.add_argument("--size", type=int, default=384, help="frame size in pixels")
+    p.add_argument("--frames", type=int, default=16, help="frames to simulate")
+    p.add_argument("--size", type=int, default=512, help="frame size in pixels")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     p.set_defaults(func=cmd_demo)

@@ -138,7 +138,8 @@ class _Source:
                     f"{stack.dtype}")
             self.data = stack
             self.be = resolve_backend(backend)
-            self.pixel_size_pm = resolve_pixel_size(pixel_size, None)
+            self.pixel_size_pm = resolve_pixel_size(pixel_size,
+                                                    getattr(stack, "pixel_size_pm", None))
             self.shape = shape
             fdt = np.dtype(stack.dtype)
             self.dtype = np.float64 if fdt == np.float64 else np.float32

@@ -1,0 +1,116 @@
+"""The stemgpu command: run on a Nion file, bad input, exit codes, info and bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import stemgpu
+from stemgpu.cli import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_USAGE, main
+from stemgpu.io.nion import _write_ndata1_for_doc as write_ndata1
+
+
+@pytest.fixture(scope="module")
+def nion_file(tmp_path_factory):
+    stack, _ = stemgpu.simulate_stack((6, 192, 192), frame_jitter_px=0.3, line_jitter_px=0.05,
+                                      seed=11)
+    path = tmp_path_factory.mktemp("nion") / "stack.ndata1"
+    write_ndata1(str(path), stack.astype("float32"), pixel_size_nm=0.0146)
+    return path
+
+
+def test_run_gives_the_same_numbers_as_the_python_api(nion_file, tmp_path, capsys):
+    out = tmp_path / "res.h5"
+    fig = tmp_path / "res.png"
+    assert main(["run", str(nion_file), "--out", str(out), "--figure", str(fig),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    from_cli = stemgpu.load(out)
+    direct = stemgpu.analyze(stemgpu.open(nion_file, lazy=False), progress=False)
+    a, b = from_cli.summary(), direct.summary()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].value == pytest.approx(b[name].value, rel=1e-9, abs=1e-12), name
+        assert a[name].uncertainty == pytest.approx(b[name].uncertainty, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(np.asarray(from_cli.rigid.shifts), np.asarray(direct.rigid.shifts))
+    assert fig.stat().st_size > 10_000
+    prov = stemgpu.io.results.read_provenance(out)
+    assert str(nion_file.name) in str(prov)
+
+
+def test_run_prints_summary_and_respects_steps(nion_file, tmp_path, capsys):
+    out = tmp_path / "rigid.h5"
+    assert main(["run", str(nion_file), "--out", str(out), "--steps", "rigid"]) == 0
+    text = capsys.readouterr().out
+    assert "jitter std x" in text and "results:" in text
+    res = stemgpu.load(out)
+    assert res.atoms is None and res.drift is not None
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"this is not a microscope file\n", "stack.h5"),
+    (b"PK\x03\x04truncated zip", "stack.h5"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, capsys, content, match):
+    bad = tmp_path / "stack.h5"
+    bad.write_bytes(content)
+    assert main(["run", str(bad), "--out", str(tmp_path / "o.h5")]) == EXIT_BAD_INPUT
+    assert match in _one_line_error(capsys)
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_missing_file_and_directory(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.ndata1")]) == EXIT_BAD_INPUT
+    assert "no such file" in _one_line_error(capsys)
+    assert main(["run", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "directory" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["run", "{f}", "--steps", "rigid,warp"], EXIT_USAGE, "unknown step"),
+    (["run", "{f}", "--pixel-size", "-3"], EXIT_BAD_INPUT, "pixel"),
+    (["run", "{f}", "--pixel-size", "abc"], EXIT_USAGE, "invalid float"),
+    (["demo", "--frames", "2"], EXIT_BAD_INPUT, "frames"),
+    (["frobnicate"], EXIT_USAGE, "invalid choice"),
+])
+def test_bad_options_give_one_line_errors(nion_file, tmp_path, capsys, argv, code, match):
+    argv = [a.replace("{f}", str(nion_file)) for a in argv]
+    with pytest.raises(SystemExit) if code == EXIT_USAGE else _no_raise() as ctx:
+        rc = main(argv + (["--out", str(tmp_path / "x.h5")] if argv[0] == "run" else []))
+    if code == EXIT_USAGE:
+        assert ctx.value.code == EXIT_USAGE
+    else:
+        assert rc == code
+    assert match in _one_line_error(capsys)
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_unavailable_backend_exit_code(nion_file, tmp_path, capsys):
+    if "available" == stemgpu.available_backends().get("cupy"):
+        pytest.skip("CuPy is usable here")
+    rc = main(["run", str(nion_file), "--backend", "cupy", "--out", str(tmp_path / "x.h5")])
+    assert rc == EXIT_BACKEND
+    assert "cupy" in _one_line_error(capsys).lower()
+
+
+def test_info_and_bench(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "backends:" in text and "numpy" in text and "kernel sources" in text
+    assert main(["bench", "--size", "96", "--frames", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "rigid" in text and "numpy" in text
