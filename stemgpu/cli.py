@@ -106,27 +106,35 @@ def read_input(path: str, *, pixel_size: float | None = None):
 
 
 def _read_nsid(path: str):
+    """The first 2-D or 3-D pyNSID main dataset of an HDF5 file, loaded, or None."""
     import warnings
 
     import h5py
+    import numpy as np
+
+    from ._inputs import pixel_size_from_dataset
+    from .io.sidpy_io import to_dataset
 
     try:
-        h5py.File(path, "r").close()
+        fh = h5py.File(path, "r")
     except OSError:
         return None
-    try:
-        from pyNSID.io.hdf_io import NSIDReader
+    with fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from pyNSID.io.hdf_utils import get_all_main, read_h5py_dataset
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            datasets = NSIDReader(path).read()
-    except Exception:  # a foreign HDF5 layout: the caller reports it in one line
-        return None
-    if isinstance(datasets, dict):
-        datasets = list(datasets.values())
-    for ds in datasets or []:
-        if ds.ndim in (2, 3):
-            return ds
+            mains = get_all_main(fh)
+        except Exception:  # a foreign HDF5 layout: the caller reports it in one line
+            return None
+        for dset in mains:
+            if dset.ndim not in (2, 3):
+                continue
+            ds = read_h5py_dataset(dset)
+            data = np.asarray(ds)
+            px = pixel_size_from_dataset(ds)
+            return to_dataset(data, pixel_size=px, title=str(getattr(ds, "title", "") or "data"),
+                              metadata=dict(getattr(ds, "metadata", {}) or {}))
     return None
 
 

@@ -114,3 +114,26 @@ def test_info_and_bench(capsys):
     assert main(["bench", "--size", "96", "--frames", "3"]) == 0
     text = capsys.readouterr().out
     assert "rigid" in text and "numpy" in text
+
+
+def test_run_reads_a_pynsid_file(tmp_path, capsys):
+    import warnings
+
+    import h5py
+    import pyNSID
+
+    from stemgpu.io.sidpy_io import to_dataset
+
+    stack, truth = stemgpu.simulate_stack((5, 128, 128), frame_jitter_px=0.4, seed=2)
+    path = tmp_path / "nsid.h5"
+    with h5py.File(path, "w") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grp = fh.create_group("Measurement_000/Channel_000")
+        pyNSID.hdf_io.write_nsid_dataset(to_dataset(stack.astype("float32"), pixel_size=14.6),
+                                         grp)
+    out = tmp_path / "o.h5"
+    assert main(["run", str(path), "--out", str(out), "--quiet", "--steps", "rigid"]) == 0
+    res = stemgpu.load(out)
+    assert res.pixel_size_pm == pytest.approx(14.6)
+    err = np.asarray(res.rigid.shifts) - truth.registration_shifts("mean")
+    assert np.sqrt(np.mean(err**2)) < 0.05

@@ -1,0 +1,1 @@
+"""pytest-benchmark suites comparing stemgpu backends with the peers users would run."""
