@@ -55,6 +55,7 @@ def test_stemgpu_batched(benchmark, bench_backend, columns):
     fit = out.to_numpy()
     n = fit.status.size
     benchmark.extra_info.update({
+        "impl": f"stemgpu-{bench_backend.name}", "case": f"{n} columns",
         "columns": n, "device": bench_backend.device_name,
         "fits_per_s": n / benchmark.stats.stats.mean,
         "rms_px": _rms(fit.positions, np.broadcast_to(pos, fit.positions.shape)),
@@ -108,6 +109,7 @@ def test_scipy_least_squares_loop(benchmark, columns):
     true = np.array([pos[i % len(pos)] for i in range(SCIPY_SUBSET)])
     total = stack.shape[0] * len(pos)
     benchmark.extra_info.update({
+        "impl": "scipy-loop", "case": f"{total} columns",
         "columns_timed": SCIPY_SUBSET, "columns_scaled_to": total,
         "scaled_total_s": per_fit * total, "fits_per_s": 1.0 / per_fit,
         "rms_px": _rms(out[:, 1:3], true), "device": "CPU (scipy, 1 thread per loop)",

@@ -38,6 +38,11 @@ def _accuracy(extra: dict) -> str:
     return ", ".join(parts)
 
 
+def _time(bench: dict) -> float:
+    """Median time; a run timed on a subset and scaled to the full case uses the scaled time."""
+    return float(bench.get("extra_info", {}).get("scaled_total_s", bench["stats"]["median"]))
+
+
 def render(run: dict) -> str:
     """Markdown tables (one per group) from a pytest-benchmark JSON document."""
     machine = run.get("machine_info", {})
@@ -70,13 +75,15 @@ def render(run: dict) -> str:
             ours = [
                 b for b in benches if str(b["extra_info"].get("impl", "")).startswith("stemgpu")
             ]
-            for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+            for b in sorted(benches, key=_time):
                 impl = b["extra_info"].get("impl", b["name"])
-                median = b["stats"]["median"]
+                median = _time(b)
+                if "scaled_total_s" in b["extra_info"]:
+                    impl += f" (timed on {b['extra_info'].get('columns_timed')}, scaled)"
                 ratios = []
                 for o in ours:
                     if o is not b:
-                        r = median / o["stats"]["median"]
+                        r = median / _time(o)
                         ratios.append(f"{o['extra_info']['impl']}: {r:.1f}x")
                 lines.append(
                     f"| {case} | {impl} | {_fmt_time(median)} | {'; '.join(ratios)} | "
