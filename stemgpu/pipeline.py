@@ -376,10 +376,10 @@ def analyze(stack, *, pixel_size: float | None = None,
     Examples
     --------
     >>> import stemgpu
-    >>> stack, truth = stemgpu.simulate_stack((4, 128, 128), frame_jitter_px=0.3, seed=0)
+    >>> stack, truth = stemgpu.simulate_stack((4, 192, 192), frame_jitter_px=0.3, seed=0)
     >>> res = stemgpu.analyze(stack, pixel_size=14.6, steps=("rigid", "atoms", "cells"),
     ...                       progress=False)
-    >>> res.statistics.n_cells > 10
+    >>> res.statistics.n_cells > 20
     True
     >>> round(res.summary()["a1_length_pm"].value / 10) * 10  # SrTiO3: a = 390.5 pm
     390
