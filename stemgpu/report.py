@@ -88,7 +88,7 @@ def plot_maps(analysis, axes=None):
     # Magnify so the median arrow is 60 % of a cell; no image underneath (arrows stay legible).
     scale = max(1.0, 0.6 * side * px / max(typical, 1e-3))
     plot_bsite_displacement(cells, ax=axes[3], scale=scale, pixel_size=px)
-    axes[3].set_title(f"B-site displacement (arrows x{scale:.0f})")
+    axes[3].set_title(f"B-site displacement (x{scale:.0f})")
     axes[3].set_axis_off()
     return axes[0].figure
 

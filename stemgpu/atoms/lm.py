@@ -173,7 +173,18 @@ _LOG_SIGMA_MIN = float(__import__("math").log(SIGMA_MIN))
 _LOG_AMP_MIN = float(__import__("math").log(AMPLITUDE_MIN_COUNTS))
 
 
-def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp):
+def _fix(g, h, fixed, xp):
+    """Remove fixed parameters from the normal equations: zero gradient, identity rows."""
+    if fixed is None:
+        return g, h
+    free = ~fixed
+    both = free[:, :, None] & free[:, None, :]
+    eye = xp.eye(h.shape[1], dtype=bool)[None]
+    h = xp.where(both, h, 0.0) + xp.where(eye & fixed[:, :, None], 1.0, 0.0)
+    return xp.where(fixed, 0.0, g), h
+
+
+def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
     """Run the specified LM on one chunk; returns internal t, F, n_iter, status."""
     m = d.shape[0]
     yy, xx = (g.ravel().astype(xp.float64) for g in xp.meshgrid(
@@ -201,6 +212,7 @@ def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp):
         if off is not None:
             mu = mu + off[idx]
         g, h = _grad_hess(di, mu, jac, wi, estimator, xp)
+        g, h = _fix(g, h, None if fixed is None else fixed[idx], xp)
         diag = xp.diagonal(h, axis1=1, axis2=2)
         dmp = xp.maximum(diag, DAMPING_FLOOR * diag.max(axis=1, keepdims=True))
         a = h + (lam[idx, None] * dmp)[:, :, None] * xp.eye(model.n_params)[None]
@@ -227,7 +239,7 @@ def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp):
 
 
 def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_iter=50,
-           tol=1e-7, gain=1.0, xp=None, offset=None, chunk=4096) -> LMOutput:
+           tol=1e-7, gain=1.0, xp=None, offset=None, chunk=4096, fixed=None) -> LMOutput:
     """Fit one model per window with the batched LM specified in this module's docstring.
 
     Parameters
@@ -251,6 +263,9 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         Known additive model part in data units (fitted neighbouring columns).
     chunk : int
         Fits processed together (bounds memory: ~chunk * k^2 * P * 8 bytes).
+    fixed : (M, P) bool array, optional
+        Parameters held at their initial value (removed from the normal equations); their
+        errors are reported as 0 and the others' errors are those of the reduced model.
 
     Returns
     -------
@@ -289,10 +304,11 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         if offset is not None:
             off = xp.asarray(offset[sl]).reshape(-1, k * k).astype(xp.float64) * gain
         t0 = mdl.to_internal(xp.asarray(init[sl]), origins[sl], gain, xp)
+        fx = None if fixed is None else xp.asarray(fixed[sl], dtype=bool)
         # Rejected trials may overflow exp(); they are masked, so silence NumPy's warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             t, f, it, st, w, yy, xx = _lm_chunk(d, off, t0, mdl, estimator, int(max_iter),
-                                                float(tol), k, xp)
+                                                float(tol), k, xp, fixed=fx)
         mu, jac = mdl.value_and_jacobian(t, yy, xx, xp)
         if off is not None:
             mu = mu + off
@@ -303,6 +319,8 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
             fisher = _jtwj(jac, w)
         diag = xp.diagonal(fisher, axis1=1, axis2=2)
         drop = diag <= FISHER_FLOOR * diag.max(axis=1, keepdims=True)
+        if fx is not None:
+            drop = drop | fx
         eye = xp.eye(p)[None]
         keep2 = (~drop[:, :, None]) & (~drop[:, None, :])
         fis = xp.where(keep2, fisher, 0.0) + eye * drop[:, :, None]
@@ -316,6 +334,8 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         tr = mdl.natural_derivative(t, gain, xp)
         cov = inv * tr[:, :, None] * tr[:, None, :]
         cov = xp.where((eye > 0) & drop[:, :, None], xp.inf, cov)
+        if fx is not None:  # held, not estimated: no variance of their own
+            cov = xp.where((eye > 0) & fx[:, :, None], 0.0, cov)
         cov = xp.where(xp.isnan(cov), 0.0, cov)
         cov = xp.where(ok[:, None, None], cov, xp.inf)
         st = xp.where(~ok, SINGULAR, st)
