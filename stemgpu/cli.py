@@ -70,6 +70,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number (pm per pixel); got {text}")
+    return value
+
+
 def _parse_steps(text: str) -> tuple[str, ...]:
     steps = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in steps if s not in STEP_NAMES]
@@ -93,6 +105,9 @@ def read_input(path: str, *, pixel_size: float | None = None):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a directory, not a data file")
+    if _is_results_file(path):
+        raise ValueError(f"{path}: a stemgpu results file (written by stemgpu.save), not "
+                         "microscope data; open it with stemgpu.load in Python")
     try:
         return read_nion(path, lazy=False, pixel_size=pixel_size)
     except NionFormatError as nion_error:
@@ -103,6 +118,16 @@ def read_input(path: str, *, pixel_size: float | None = None):
             raise ValueError(f"{path}: neither a Nion file ({nion_error}) nor an HDF5 file "
                              "holding a pyNSID image or image stack") from None
         return dataset
+
+
+def _is_results_file(path: str) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            return "stemgpu_format" in fh.attrs
+    except OSError:
+        return False
 
 
 def _read_nsid(path: str):
@@ -138,6 +163,28 @@ def _read_nsid(path: str):
     return None
 
 
+IMAGE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps", ".webp")
+
+
+def check_output_paths(out, figure) -> None:
+    """Fail before any work when a results file or figure could not be written."""
+    import os
+
+    for option, target in (("--out", out), ("--figure", figure)):
+        if not target:
+            continue
+        folder = os.path.dirname(os.path.abspath(os.fspath(target)))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{option} {target}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{option} {target}: folder {folder} is not writable")
+        if os.path.isdir(os.fspath(target)):
+            raise IsADirectoryError(f"{option} {target}: is a directory")
+    if figure and os.path.splitext(os.fspath(figure))[1].lower() not in IMAGE_FORMATS:
+        raise ValueError(f"--figure {figure}: not an image file name; use one of "
+                         + ", ".join(IMAGE_FORMATS))
+
+
 def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
              quiet=False, figure=None) -> int:
     """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
@@ -149,6 +196,10 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
     from .pipeline import analyze
 
     say = _Quiet(quiet)
+    out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
+    if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
+        raise ValueError(f"--out {out}: would overwrite the input file")
+    check_output_paths(out, figure)
     ds = read_input(os.fspath(path), pixel_size=pixel_size)
     steps = tuple(steps)
     if ds.ndim == 2 and {"rigid", "demons"} & set(steps):
@@ -158,14 +209,12 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
             raise ValueError("--steps: rigid/demons need an image stack; this file holds one "
                              "image")
     if ds.ndim == 3 and ds.shape[0] < 3 and "rigid" in steps:
-        raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3")
-    say(f"{path}: {tuple(ds.shape)} at {ds.metadata.get('pixel_size_pm', pixel_size)} pm/px")
+        raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3 "
+                         "(use --steps atoms,cells to fit the mean of these frames)")
     analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
                        progress=not quiet)
+    say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
     say(analysis.summary(as_text=True))
-    out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
-    if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
-        raise ValueError(f"--out {out}: would overwrite the input file")
     save(analysis, out, overwrite=True, source=os.fspath(path))
     say(f"results: {os.path.abspath(out)}")
     if figure:
@@ -177,14 +226,15 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
         plt.close(analysis.plot_report(figure))
         say(f"report figure: {os.path.abspath(figure)}")
     if analysis.atoms is not None:
-        ok = np.asarray(analysis.atoms.status) == 0
+        status = analysis.atoms.status
+        ok = np.asarray(status.get() if hasattr(status, "get") else status) == 0
         if not ok.any():
             print(f"stemgpu: {path}: no atom column fit converged", file=sys.stderr)
             return EXIT_FAILED
     return EXIT_OK
 
 
-def quick_bench(*, size: int = 512, frames: int = 10, quiet: bool = False) -> int:
+def quick_bench(*, size: int = 512, frames: int = 10) -> int:
     """``stemgpu bench``: time each stage on every available backend, print a table."""
     import time
 
@@ -247,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Quick backend comparison on this machine."""
-    return quick_bench(size=args.size, frames=args.frames, quiet=args.quiet)
+    return quick_bench(size=args.size, frames=args.frames)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -286,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help=backend_help)
     p.add_argument("--steps", type=_parse_steps, default=STEP_NAMES,
                    help="comma-separated subset of " + ",".join(STEP_NAMES))
-    p.add_argument("--pixel-size", type=float, default=None,
+    p.add_argument("--pixel-size", type=_positive_float, default=None,
                    help="pixel size in pm (overrides the file's calibration)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -294,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="quick backend comparison on this machine")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--frames", type=int, default=10)
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -302,23 +351,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stemgpu`` console script."""
     from .backend import BackendUnavailableError
+    from .pipeline import AnalysisError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except BackendUnavailableError as exc:
-        print(f"stemgpu: {exc}", file=sys.stderr)
-        return EXIT_BACKEND
+        return _fail(exc, EXIT_BACKEND)
+    except AnalysisError as exc:
+        return _fail(exc, EXIT_FAILED)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"stemgpu: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(exc, EXIT_BAD_INPUT)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"stemgpu: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(exc, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("stemgpu: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an internal error: still one line, and a non-zero exit
+        return _fail(f"internal error ({type(exc).__name__}: {exc}); please report it with "
+                     "the command that caused it", EXIT_FAILED)
+
+
+def _fail(exc, code: int) -> int:
+    """One line on stderr, in the CLI's words (``--pixel-size``, not ``pixel_size=``)."""
+    text = " ".join(str(exc).split())
+    text = text.replace("pixel_size=", "--pixel-size ")
+    print(f"stemgpu: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

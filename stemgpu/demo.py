@@ -41,16 +41,16 @@ def demo_stack(frames: int = 16, size: int = 512, *, seed: int = 2026):
     Examples
     --------
     >>> from stemgpu.demo import demo_stack
-    >>> stack, truth = demo_stack(frames=3, size=64)
+    >>> stack, truth = demo_stack(frames=3, size=160)
     >>> stack.shape, truth.pixel_size_pm
-    ((3, 64, 64), 14.6)
+    ((3, 160, 160), 14.6)
     """
     from .synthetic import simulate_stack
 
     if int(frames) < 3:
         raise ValueError(f"frames must be at least 3 for the drift fit; got {frames!r}")
-    if int(size) < 64:
-        raise ValueError(f"size must be at least 64 px; got {size!r}")
+    if int(size) < 160:
+        raise ValueError(f"size must be at least 160 px (a few unit cells); got {size!r}")
     d = DEMO
     return simulate_stack(
         (int(frames), int(size), int(size)), lattice="SrTiO3",
@@ -125,6 +125,9 @@ def run_demo(*, out="stemgpu-demo.h5", figure="stemgpu-demo.png", backend=None,
     from .pipeline import analyze
 
     say = (lambda *a: None) if quiet else print
+    from .cli import check_output_paths
+
+    check_output_paths(out, figure)
     t0 = time.perf_counter()
     say(f"simulating a SrTiO3 [001] stack: {frames} frames of {size} x {size} px at "
         f"{DEMO['pixel_size_pm']} pm/px, {DEMO['dose']:g} counts per Sr column ...")

@@ -48,8 +48,10 @@ def test_run_prints_summary_and_respects_steps(nion_file, tmp_path, capsys):
 
 
 def _one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
+    raw = capsys.readouterr().err
+    assert "Traceback" not in raw
+    # What a terminal shows: a progress bar cleared with "\r" leaves only the later text.
+    err = "\n".join(line.split("\r")[-1] for line in raw.split("\n")).strip()
     assert len(err.splitlines()) == 1, err
     return err
 
@@ -75,7 +77,8 @@ def test_missing_file_and_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, code, match", [
     (["run", "{f}", "--steps", "rigid,warp"], EXIT_USAGE, "unknown step"),
-    (["run", "{f}", "--pixel-size", "-3"], EXIT_BAD_INPUT, "pixel"),
+    (["run", "{f}", "--pixel-size", "-3"], EXIT_USAGE, "positive number"),
+    (["run", "{f}", "--pixel-size", "nan"], EXIT_USAGE, "positive number"),
     (["run", "{f}", "--pixel-size", "abc"], EXIT_USAGE, "invalid float"),
     (["demo", "--frames", "2"], EXIT_BAD_INPUT, "frames"),
     (["frobnicate"], EXIT_USAGE, "invalid choice"),
@@ -137,3 +140,31 @@ def test_run_reads_a_pynsid_file(tmp_path, capsys):
     assert res.pixel_size_pm == pytest.approx(14.6)
     err = np.asarray(res.rigid.shifts) - truth.registration_shifts("mean")
     assert np.sqrt(np.mean(err**2)) < 0.05
+
+
+def test_results_file_is_refused_as_input(nion_file, tmp_path, capsys):
+    out = tmp_path / "res.h5"
+    assert main(["run", str(nion_file), "--out", str(out), "--quiet", "--steps", "rigid"]) == 0
+    assert main(["run", str(out), "--out", str(tmp_path / "again.h5")]) == EXIT_BAD_INPUT
+    assert "stemgpu results file" in _one_line_error(capsys)
+
+
+def test_output_paths_checked_before_the_analysis(nion_file, tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "folder" / "o.h5"
+    assert main(["run", str(nion_file), "--out", str(missing)]) == EXIT_BAD_INPUT
+    assert "does not exist" in _one_line_error(capsys)
+    assert main(["run", str(nion_file), "--out", str(tmp_path / "o.h5"), "--figure",
+                 str(tmp_path / "fig.h5")]) == EXIT_BAD_INPUT
+    assert "not an image file name" in _one_line_error(capsys)
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_nothing_found_is_an_analysis_failure(tmp_path, capsys):
+    from stemgpu.cli import EXIT_FAILED
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.ndata1"
+    write_ndata1(str(path), rng.poisson(5.0, (4, 96, 96)).astype("float32"))
+    rc = main(["run", str(path), "--out", str(tmp_path / "o.h5"), "--steps", "atoms,cells"])
+    assert rc == EXIT_FAILED
+    assert "cells: found 0 unit cell" in _one_line_error(capsys)

@@ -435,3 +435,12 @@ def test_progress_bar_and_sequence_iterations(capsys):
                           backend="numpy")
     assert "demons" in capsys.readouterr().err
     assert res.parameters["iterations"] == [3, 4]
+
+
+def test_offset_corrected_frames_with_negative_values():
+    """Dark-subtracted data (mean near or below zero) is matched by an offset, not a gain."""
+    stack, _ = simulate_stack((4, 128, 128), seed=1, frame_jitter_px=0.2, line_jitter_px=0.1)
+    plain = register_demons(stack, iterations=10)
+    shifted = register_demons(stack - 200.0, iterations=10)
+    assert np.isfinite(shifted.displacement).all()
+    np.testing.assert_allclose(shifted.displacement, plain.displacement, atol=0.05)

@@ -158,3 +158,17 @@ def test_bad_inputs():
         drift_report(good, pixel_size=1.0, exclude=[True])
     with pytest.raises(TypeError, match="shifts must be an .n, 2. array of px or a RigidResult"):
         drift_report("shifts", pixel_size=1.0)
+
+
+@pytest.mark.parametrize("model, kw", [("linear", {}), ("poly", {"degree": 3}),
+                                       ("spline", {"smoothing": 1.0})])
+def test_drift_rate_uncertainty_matches_monte_carlo(model, kw):
+    rng = np.random.default_rng(1)
+    n, rates, errs = 16, [], []
+    for _ in range(300):
+        shifts = np.stack([0.05 * np.arange(n), -0.02 * np.arange(n)], 1)
+        shifts = shifts + rng.normal(0, 0.2, (n, 2))
+        rep = drift_report(shifts, pixel_size=10.0, model=model, **kw)
+        rates.append(rep.drift_rate_pm_per_frame.x)
+        errs.append(rep.drift_rate_uncertainty_pm_per_frame.x)
+    assert np.mean(errs) == pytest.approx(np.std(rates), rel=0.15)

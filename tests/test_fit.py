@@ -267,3 +267,26 @@ def test_to_numpy_and_parameters():
     assert isinstance(copy.positions, np.ndarray) and copy.positions is not fit.positions
     assert fit.parameters["estimator"] == "mle" and fit.parameters["engine"] == "array"
     assert fit.parameters["window"] % 2 == 1
+
+
+def test_fit_does_not_depend_on_the_intensity_unit():
+    """Same image in counts and in scaled units: the same positions (gain is estimated)."""
+    image, truth = simulate_image((192, 192), dose=DOSE, seed=4)
+    keep = truth.visible(0, margin=12)
+    start = truth.image_positions(0)[keep] + 0.2
+    a = fit_atoms(image, start, sigma=truth.probe_sigma_px)
+    b = fit_atoms(image * 0.01, start, sigma=truth.probe_sigma_px)
+    np.testing.assert_array_equal(a.status, b.status)
+    ok = a.converged
+    np.testing.assert_allclose(a.positions[ok], b.positions[ok], atol=1e-5)
+
+
+def test_elliptical_keeps_held_widths_round():
+    image, truth = simulate_image((192, 192), dose=100.0, seed=3)
+    keep = truth.visible(0, margin=10)
+    fit = fit_atoms(image, truth.image_positions(0)[keep], model="elliptical")
+    held = fit.width_fixed
+    assert held.any()
+    assert np.all(fit.param_errors[held][:, 3:5] == 0)
+    np.testing.assert_array_equal(fit.param("sigma_1")[held], fit.param("sigma_2")[held])
+    assert fit.converged[held].all()

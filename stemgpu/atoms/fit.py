@@ -274,6 +274,7 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         iso = get_model("gaussian")
         k1 = k
         out = run(iso, init, gain, None)
+        out_gain = gain  # the gain out's errors were computed with
         offset = None
         if neighbours == "subtract":
             if counts_per_unit is None:
@@ -289,12 +290,13 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
                 ok = _plausible(out, init, k, float(sigma))
                 nat = xp.where(ok[:, None], out.params, guess)
                 # Faint columns' widths are noise; their errors would leak into neighbours.
-                nat = _steady_widths(nat, out, ok, float(sigma), xp)
+                nat = _steady_widths(nat, out, ok, float(sigma), np.sqrt(out_gain / gain), xp)
                 offset = _neighbour_offsets(iso, nat, frames[idx], org, k, stack.shape, xp)
                 # Columns not yet trusted restart from a guess on the window minus neighbours.
                 guess = _initial_guess(wins[idx] - offset.astype(wins.dtype), flat_pos[idx],
                                        origins[idx], k, float(sigma), xp)
                 out = run(iso, xp.where(ok[:, None], out.params, guess), gain, offset)
+                out_gain = gain
             out, fixed_rows = _refit_fixed_width(
                 out, wins[idx], flat_pos[idx], origins[idx], org, k, float(sigma), gain, offset,
                 estimator, max_iter, tol, xp)
@@ -305,7 +307,12 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
             start = xp.where(_usable(out)[:, None], out.params, init)
             ell = xp.stack([start[:, 0], start[:, 1], start[:, 2], start[:, 3] * 1.02,
                             start[:, 3] / 1.02, xp.zeros_like(start[:, 0]), start[:, 4]], axis=1)
+            iso_out = out
             out = run(mdl, ell, gain, offset)
+            if bool(fixed_rows.any()):
+                # Held-width fits stay round with their width held (a free elliptical refit
+                # would undo the hold that made them converge).
+                out = _round_elliptical(out, iso_out, fixed_rows, xp)
         if counts_per_unit is None:
             est = _gain_from(mdl, out, wins[idx], org, offset, xp)
             if est is not None:
@@ -367,7 +374,32 @@ def _choose_engine(engine, be):
     return mod
 
 
-def _steady_widths(nat, out, ok, sigma, xp):
+def _round_elliptical(ell_out, iso_out, rows, xp):
+    """Elliptical results for ``rows`` from isotropic ones: s1 = s2 = s, angle 0 (undefined)."""
+    emap = [0, 1, 2, 3, 6]  # isotropic (A, r, c, s, B) -> elliptical (A, r, c, s1, s2, th, B)
+    r = xp.nonzero(rows)[0]
+    ip, ie, ic = iso_out.params[r], iso_out.param_errors[r], iso_out.covariance[r]
+    params, errors = ell_out.params.copy(), ell_out.param_errors.copy()
+    cov = ell_out.covariance.copy()
+    p_new = xp.zeros((len(r), 7))
+    e_new = xp.zeros((len(r), 7))
+    c_new = xp.zeros((len(r), 7, 7))
+    for a, ea in enumerate(emap):
+        p_new[:, ea] = ip[:, a]
+        e_new[:, ea] = ie[:, a]
+        for b, eb in enumerate(emap):
+            c_new[:, ea, eb] = ic[:, a, b]
+    p_new[:, 4] = ip[:, 3]
+    e_new[:, 5] = xp.inf
+    c_new[:, 5, 5] = xp.inf
+    params[r], errors[r], cov[r] = p_new, e_new, c_new
+    chi2, n_iter, status = ell_out.chi2.copy(), ell_out.n_iter.copy(), ell_out.status.copy()
+    chi2[r], n_iter[r], status[r] = iso_out.chi2[r], iso_out.n_iter[r], iso_out.status[r]
+    return ell_out._replace(params=params, param_errors=errors, covariance=cov, chi2=chi2,
+                            n_iter=n_iter, status=status)
+
+
+def _steady_widths(nat, out, ok, sigma, error_scale, xp):
     """Neighbour models with poorly determined widths drawn at the median trusted width.
 
     A faint column's fitted width scatters by tens of percent at usual doses; drawn into its
@@ -379,7 +411,9 @@ def _steady_widths(nat, out, ok, sigma, xp):
     if not bool(ok.any()):
         return nat
     s_ref = float(xp.median(out.params[ok, 3]))
-    noisy = ~(out.param_errors[:, 3] < 0.05 * sigma)
+    # error_scale puts errors computed with a provisional gain on the data's gain, so the
+    # choice does not depend on the units of the image.
+    noisy = ~(out.param_errors[:, 3] * error_scale < 0.05 * sigma)
     nat = nat.copy()
     nat[:, 3] = xp.where(noisy, s_ref, nat[:, 3])
     return nat

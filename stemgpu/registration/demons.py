@@ -487,11 +487,17 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
             sd = xp.maximum(ref.std(), xp.finfo(f32).tiny)
             fixed = _pyramid(be, ((ref - mu) / sd).astype(f32)[None], levels, s_image)
             grads = [_warp.gradient(be, f) for f in fixed]
-            gain = (mu / xp.maximum(frame_means, xp.finfo(f32).tiny)).astype(f32)
+            # Intensities in counts: match frame means by a gain. Offset-corrected data (dark
+            # subtracted, means near or below zero): match them by an offset instead.
+            by_gain = bool((frame_means > 1e-3 * sd).all()) and float(mu) > 1e-3 * float(sd)
+            gain = (mu / xp.maximum(frame_means, xp.finfo(f32).tiny)).astype(f32) if by_gain \
+                else xp.ones(n, dtype=f32)
+            shift = xp.zeros(n, dtype=f32) if by_gain else (mu - frame_means).astype(f32)
             for start in range(0, n, bsize):
                 stop = min(n, start + bsize)
                 raw = frames[start:stop]
-                norm = ((raw * gain[start:stop, None, None] - mu) / sd).astype(f32)
+                norm = ((raw * gain[start:stop, None, None] + shift[start:stop, None, None] - mu)
+                        / sd).astype(f32)
                 moving = _pyramid(be, norm, levels, s_image)
                 lev_shape = moving[-1].shape[1:]
                 disp = xp.zeros((stop - start, 2, *lev_shape), dtype=f32)

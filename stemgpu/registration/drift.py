@@ -90,6 +90,25 @@ class DriftReport:
         limit = 2.0 / np.sqrt(max(int(self.used.sum()), 1))
         return bool(max(self.residual_lag1.x, self.residual_lag1.y) <= limit)
 
+    @property
+    def drift_rate_uncertainty_pm_per_frame(self) -> XY:
+        """One-sigma standard error of ``drift_rate_pm_per_frame``.
+
+        The rate is ``c^T y`` with ``c`` the difference of the hat-matrix rows of the last
+        and first used frame over their separation, so its variance is ``s^2 |c|^2`` for white
+        jitter of std ``s`` (``jitter_std_pm``); for a straight line this is the slope's
+        standard error ``s / sqrt(sum (t - mean t)^2)``.
+        """
+        used = np.asarray(self.used, dtype=bool)
+        fu = np.arange(len(used), dtype=float)[used]
+        lams = self.parameters.get("smoothing_used") or [None, None]
+        norms = []
+        for lam in lams:  # (row, col) axes: a spline has its own smoothing per axis
+            h = _hat(self.model, fu, self.parameters.get("degree") or 2, lam)
+            c = (h[-1] - h[0]) / (fu[-1] - fu[0])
+            norms.append(float(np.sqrt(np.sum(c * c))))
+        return XY(x=self.jitter_std_pm.x * norms[1], y=self.jitter_std_pm.y * norms[0])
+
     def to_numpy(self) -> DriftReport:
         """A copy (the arrays are NumPy already)."""
         return replace(self, offsets_pm=np.array(self.offsets_pm),
@@ -191,12 +210,24 @@ def _fit(model, t, y, used, degree, smoothing):
         c, s = tu.mean(), max(np.ptp(tu), 1e-300) / 2
         coef = np.polynomial.polynomial.polyfit((tu - c) / s, yu, deg)
         fit = np.polynomial.polynomial.polyval((t - c) / s, coef)
-        return fit, deg + 1
+        return fit, deg + 1, None
     from scipy.interpolate import make_smoothing_spline
 
     lam = _gcv_lambda(tu, yu) if smoothing is None else float(smoothing)
     spl = make_smoothing_spline(tu, yu, lam=lam)
-    return spl(t), _hat_trace(tu, lam)
+    return spl(t), _hat_trace(tu, lam), lam
+
+
+def _hat(model, t, degree, lam):
+    """Hat matrix H (fit = H y) of the smooth drift model over the used times ``t``."""
+    if model in ("linear", "poly"):
+        deg = 1 if model == "linear" else int(degree)
+        c, s = t.mean(), max(np.ptp(t), 1e-300) / 2
+        v = np.polynomial.polynomial.polyvander((t - c) / s, deg)
+        return v @ np.linalg.pinv(v)
+    from scipy.interpolate import make_smoothing_spline
+
+    return make_smoothing_spline(t, np.eye(len(t)), lam=lam)(t)
 
 
 def _hat_trace(t, lam):
@@ -337,8 +368,10 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     time = frames * ft if ft is not None else frames
     smooth = np.empty_like(offsets)
     dof = 0.0
+    lams = []
     for k in range(2):  # the two axes, not a loop over frames
-        smooth[:, k], dof = _fit(model, frames, offsets[:, k], used, degree, smoothing)
+        smooth[:, k], dof, lam = _fit(model, frames, offsets[:, k], used, degree, smoothing)
+        lams.append(lam)
     jitter = offsets - smooth
     nu = int(used.sum())
     std = np.sqrt((jitter[used] ** 2).sum(axis=0) / max(nu - dof, 1.0))
@@ -364,6 +397,7 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
         residual_lag1=XY(x=lag[1], y=lag[0]), model=model, pixel_size_pm=px,
         frame_time_s=ft,
         parameters={"model": model, "degree": int(degree) if model == "poly" else None,
-                    "smoothing": smoothing, "fit_dof": dof, "frame_time": ft,
+                    "smoothing": smoothing, "smoothing_used": lams, "fit_dof": dof,
+                    "frame_time": ft,
                     "pixel_size_pm": px, "excluded": np.flatnonzero(exclude).tolist()},
     )
