@@ -17,6 +17,7 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +121,22 @@ def read_input(path: str, *, pixel_size: float | None = None):
         return dataset
 
 
+def _frame_source(path: str, pixel_size):
+    """A lazy Nion stack of >= 3 frames (streamed by rigid registration), else None."""
+    from .io.nion import NionFormatError, open_frames
+
+    if not os.path.isfile(path) or _is_results_file(path):
+        return None
+    try:
+        source = open_frames(path, pixel_size=pixel_size)
+    except (NionFormatError, ValueError, OSError):
+        return None  # read_input reports the problem in its own words
+    if len(source.shape) != 3 or source.shape[0] < 3:
+        source.close()
+        return None
+    return source
+
+
 def _is_results_file(path: str) -> bool:
     import h5py
 
@@ -200,8 +217,10 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
     if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
         raise ValueError(f"--out {out}: would overwrite the input file")
     check_output_paths(out, figure)
-    ds = read_input(os.fspath(path), pixel_size=pixel_size)
     steps = tuple(steps)
+    source = _frame_source(os.fspath(path), pixel_size) if "demons" not in steps \
+        and "rigid" in steps else None
+    ds = source if source is not None else read_input(os.fspath(path), pixel_size=pixel_size)
     if ds.ndim == 2 and {"rigid", "demons"} & set(steps):
         steps = tuple(s for s in steps if s not in ("rigid", "demons"))
         say(f"{path}: a single image; running {', '.join(steps) or 'nothing'}")
@@ -211,8 +230,14 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
     if ds.ndim == 3 and ds.shape[0] < 3 and "rigid" in steps:
         raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3 "
                          "(use --steps atoms,cells to fit the mean of these frames)")
-    analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                       progress=not quiet)
+    if source is not None:
+        say(f"{path}: streaming the frames from disk (only the registered mean is kept)")
+    try:
+        analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
+                           progress=not quiet)
+    finally:
+        if source is not None:
+            source.close()
     say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
     say(analysis.summary(as_text=True))
     save(analysis, out, overwrite=True, source=os.fspath(path))

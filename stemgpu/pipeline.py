@@ -363,9 +363,12 @@ def analyze(stack, *, pixel_size: float | None = None,
 
     Parameters
     ----------
-    stack : (n, h, w) or (h, w) array, or sidpy.Dataset
+    stack : (n, h, w) or (h, w) array, sidpy.Dataset, or lazy frame source
         NumPy or CuPy data (a sidpy Dataset from :func:`stemgpu.open` carries its
-        calibration and frame time). A single image allows only ``("atoms", "cells")``.
+        calibration and frame time). A single image allows only ``("atoms", "cells")``. A
+        lazy source (:func:`stemgpu.open_frames`, an h5py dataset, a memmap) is streamed
+        through rigid registration batch by batch and only the registered mean is kept, so a
+        stack larger than memory can be analysed; it needs ``"rigid"`` and no ``"demons"``.
     pixel_size : float, optional
         pm per pixel; overrides the data's calibration and is required without one.
     steps : sequence of {"rigid", "demons", "atoms", "cells"}
@@ -414,21 +417,28 @@ def analyze(stack, *, pixel_size: float | None = None,
     opts = _check_options(stage_options)
     frame_time = _frame_time(stack) if is_sidpy_dataset(stack) else None
     ndim = len(getattr(stack, "shape", np.shape(stack)))
-    if ndim == 2:
-        if {"rigid", "demons"} & set(steps):
-            raise ValueError("steps 'rigid'/'demons' need a stack (frames, rows, cols); got a "
-                             "single image: use steps=('atoms', 'cells')")
-        cal = as_image(stack, name="stack", backend=backend)
+    streamed = _is_frame_source(stack)
+    if streamed:
+        be, px, frame_time = _check_frame_source(stack, steps, pixel_size, backend)
+        shape = tuple(int(x) for x in stack.shape)
+        data = stack
     else:
-        cal = as_stack(stack, name="stack", min_frames=1 if "rigid" not in steps else 3,
-                       backend=backend)
-    be = cal.backend
-    px = resolve_pixel_size(pixel_size, cal.pixel_size_pm, required=True, what="analyze")
+        if ndim == 2:
+            if {"rigid", "demons"} & set(steps):
+                raise ValueError("steps 'rigid'/'demons' need a stack (frames, rows, cols); "
+                                 "got a single image: use steps=('atoms', 'cells')")
+            cal = as_image(stack, name="stack", backend=backend)
+        else:
+            cal = as_stack(stack, name="stack", min_frames=1 if "rigid" not in steps else 3,
+                           backend=backend)
+        be = cal.backend
+        px = resolve_pixel_size(pixel_size, cal.pixel_size_pm, required=True, what="analyze")
+        shape = tuple(int(x) for x in cal.data.shape)
+        data = cal.data
     info: dict[str, Any] = {"pixel_size_pm": px, "steps": list(steps), "backend": be.name,
-                            "device": be.device_name, "shape": list(cal.data.shape),
-                            "timings_s": {}, "options": opts}
+                            "device": be.device_name, "shape": list(shape),
+                            "timings_s": {}, "options": opts, "streamed": streamed}
     results: dict[str, Any] = {"info": info}
-    data = cal.data
     bar = tqdm(total=len(steps), desc="stemgpu", unit="stage", disable=not progress,
                leave=False)
 
@@ -446,7 +456,8 @@ def analyze(stack, *, pixel_size: float | None = None,
             bar.set_postfix_str("rigid registration")
             t0 = time.perf_counter()
             rigid = register_rigid(data, pixel_size=px, progress=progress, backend=be,
-                                   **{"keep_registered": True, **opts.get("rigid", {})})
+                                   **{"keep_registered": not streamed,
+                                      **opts.get("rigid", {})})
             results["rigid"] = rigid
             flagged = np.asarray(_host(rigid.flagged), dtype=bool)
             if (~flagged).sum() < 3:
@@ -456,6 +467,10 @@ def analyze(stack, *, pixel_size: float | None = None,
             dopts = {"frame_time": frame_time, **opts.get("drift", {})}
             results["drift"] = drift_report(rigid, **dopts)
             current = rigid.registered
+            if streamed:
+                # Nothing but the mean is kept: the stack may be larger than memory.
+                current = _streamed_mean(data, rigid, be, flagged)
+                flagged = None
             timed("rigid")
         if "demons" in steps:
             from .registration.demons import register_demons
@@ -500,6 +515,60 @@ def analyze(stack, *, pixel_size: float | None = None,
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
     return Analysis(results)
+
+
+def _is_frame_source(stack) -> bool:
+    """A lazy stack read from disk frame by frame (LazyStack, h5py dataset, memmap)."""
+    from .backend import is_cupy_array
+
+    if isinstance(stack, np.memmap):
+        return True
+    if isinstance(stack, np.ndarray) or is_cupy_array(stack) or is_sidpy_dataset(stack):
+        return False
+    return (all(hasattr(stack, a) for a in ("shape", "dtype", "__getitem__"))
+            and not isinstance(stack, list | tuple))
+
+
+def _check_frame_source(stack, steps, pixel_size, backend):
+    from .backend import resolve_backend
+
+    if len(stack.shape) != 3:
+        raise ValueError(f"stack: a lazy source must be a (frames, rows, cols) stack; got "
+                         f"shape {tuple(stack.shape)}")
+    if "demons" in steps or "rigid" not in steps:
+        raise ValueError("steps: a lazy stack (e.g. stemgpu.open_frames) is analysed by "
+                         "streaming 'rigid' and keeping only the registered mean: use steps "
+                         "without 'demons' (e.g. ('rigid', 'atoms', 'cells')), or load it "
+                         "into memory first")
+    px = resolve_pixel_size(pixel_size, getattr(stack, "pixel_size_pm", None), required=True,
+                            what="analyze")
+    meta = dict(getattr(stack, "metadata", {}) or {})
+    frame_time = meta.get("frame_time_s")
+    return resolve_backend(backend), px, (float(frame_time) if frame_time else None)
+
+
+def _streamed_mean(stack, rigid, be, flagged):
+    """Mean of the registered frames that were not flagged, read and shifted batch by batch."""
+    from .registration.rigid import _shift
+
+    if not flagged.any():
+        return be.asarray(rigid.mean)
+    xp = be.xp
+    n = int(stack.shape[0])
+    shifts = np.asarray(rigid.shifts, dtype=float)
+    order = rigid.parameters.get("order", "fourier")
+    batch = max(1, int(rigid.parameters.get("batch_size") or 8))
+    acc = None
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        keep = np.flatnonzero(~flagged[start:stop])
+        if len(keep) == 0:
+            continue
+        frames = np.asarray(stack[start:stop], dtype=np.float32)[keep]
+        moved = _shift(be, be.asarray(frames), shifts[start + keep], order)
+        part = moved.sum(axis=0, dtype=xp.float64)
+        acc = part if acc is None else acc + part
+    return (acc / float((~flagged).sum())).astype(xp.float32)
 
 
 def _frame_time(dataset) -> float | None:

@@ -168,3 +168,30 @@ def test_nothing_found_is_an_analysis_failure(tmp_path, capsys):
     rc = main(["run", str(path), "--out", str(tmp_path / "o.h5"), "--steps", "atoms,cells"])
     assert rc == EXIT_FAILED
     assert "cells: found 0 unit cell" in _one_line_error(capsys)
+
+
+def test_run_without_demons_streams_the_stack(nion_file, tmp_path, capsys):
+    """Without demons the frames are streamed from disk; the numbers match the in-memory
+    analysis of the same file."""
+    out = tmp_path / "streamed.h5"
+    assert main(["run", str(nion_file), "--out", str(out), "--steps", "rigid,atoms,cells"]) == 0
+    assert "streaming the frames" in capsys.readouterr().out
+    streamed = stemgpu.load(out)
+    assert streamed.info["streamed"] is True and streamed.rigid.registered is None
+    direct = stemgpu.analyze(stemgpu.open(nion_file, lazy=False), progress=False,
+                             steps=("rigid", "atoms", "cells"))
+    assert direct.info["streamed"] is False
+    np.testing.assert_allclose(np.asarray(streamed.rigid.shifts),
+                               np.asarray(direct.rigid.shifts), atol=1e-4)
+    a, b = streamed.summary(), direct.summary()
+    for name in ("a1_length_pm", "tetragonal", "jitter_std_x_pm"):
+        assert a[name].value == pytest.approx(b[name].value, abs=0.05 * b[name].uncertainty)
+
+
+def test_streamed_analysis_refuses_demons(nion_file):
+    source = stemgpu.open_frames(nion_file)
+    try:
+        with pytest.raises(ValueError, match="without 'demons'"):
+            stemgpu.analyze(source, progress=False)
+    finally:
+        source.close()

@@ -144,3 +144,28 @@ def test_custom_species_names_reach_the_cells_stage():
                   atoms={"names": ["Sr", "TiO"]})
     assert {"Sr", "TiO", "O"} <= set(np.asarray(res.species).tolist())
     assert res.statistics.n_cells > 20
+
+
+def test_streamed_mean_leaves_out_flagged_frames(tmp_path):
+    import h5py
+
+    from stemgpu.io.lazy import LazyStack
+
+    stack, _ = stemgpu.simulate_stack((6, 160, 160), frame_jitter_px=0.3, seed=8)
+    rng = np.random.default_rng(0)
+    stack[1] = rng.poisson(20.0, stack[1].shape)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("data", data=stack.astype("float32"))
+    source = LazyStack.from_hdf5(path, "data", pixel_size_pm=14.6)
+    try:
+        streamed = analyze(source, steps=("rigid", "atoms"), progress=False)
+    finally:
+        source.close()
+    memory = analyze(stack.astype("float32"), pixel_size=14.6, steps=("rigid", "atoms"),
+                     progress=False)
+    assert np.asarray(streamed.rigid.flagged)[1] and np.asarray(memory.rigid.flagged)[1]
+    # Inside the valid region (the border is filled by reflection, padded per batch).
+    inner = (slice(16, -16), slice(16, -16))
+    a, b = np.asarray(streamed.mean_image)[inner], np.asarray(memory.mean_image)[inner]
+    np.testing.assert_allclose(a, b, atol=1e-3 * float(b.max()))
