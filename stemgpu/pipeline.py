@@ -613,6 +613,7 @@ def _atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
                          "least 4 (check pixel_size, or pass atoms={'sigma': ..., "
                          "'threshold': ...})")
     sigma = float(found.parameters["sigma"])
+    # No nested bar per fitting pass: the stage bar says "atom columns" already.
     fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options)}
     first = fit_atoms(image, start, **fit_kw)
     ok = np.asarray(_host(first.status)) == 0

@@ -290,3 +290,13 @@ def test_elliptical_keeps_held_widths_round():
     assert np.all(fit.param_errors[held][:, 3:5] == 0)
     np.testing.assert_array_equal(fit.param("sigma_1")[held], fit.param("sigma_2")[held])
     assert fit.converged[held].all()
+
+
+def test_progress_bar_does_not_change_results(capsys):
+    image, truth = simulate_image((96, 96), lattice="square", dose=DOSE, seed=2)
+    keep = truth.visible(0, margin=10)
+    start = truth.image_positions(0)[keep]
+    quiet = fit_atoms(image, start, counts_per_unit=1)
+    shown = fit_atoms(image, start, counts_per_unit=1, progress=True)
+    np.testing.assert_array_equal(quiet.positions, shown.positions)
+    assert "pass" in capsys.readouterr().err

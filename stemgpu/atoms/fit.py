@@ -148,7 +148,7 @@ def _kernel_module():
 
 def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma=None,
               neighbours="subtract", estimator="mle", counts_per_unit=None, max_iter=50,
-              tol=1e-7, engine="auto", backend=None) -> AtomFit:
+              tol=1e-7, engine="auto", progress=False, backend=None) -> AtomFit:
     """Fit a peak model to every atom column (and every frame) at once.
 
     Parameters
@@ -178,6 +178,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     max_iter : int
     tol : float
         Relative objective decrease that ends a fit.
+    progress : bool
+        A tqdm bar over the fitting passes (plain, neighbour passes, elliptical).
     engine : {"auto", "array", "kernel"}
         ``"kernel"`` uses the CUDA kernel (CuPy backend only); ``"auto"`` uses it when it is
         available on the CuPy backend, the array code otherwise.
@@ -257,7 +259,19 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     init = _initial_guess(wins[idx], flat_pos[idx], origins[idx], k, float(sigma), xp)
     org = origins[idx].astype(xp.float64)
 
+    from tqdm.auto import tqdm
+
+    n_passes = 1 + (_SUBTRACT_PASSES if neighbours == "subtract" else 0) \
+        + (1 if mdl.name == "elliptical" else 0)
+    bar = tqdm(total=n_passes, desc=f"fit {int(idx.size)} columns", unit="pass",
+               disable=not progress, leave=False)
+
     def run(mdl_, init_, gain_, offset_, small=False):
+        result = _run(mdl_, init_, gain_, offset_, small)
+        bar.update(1)
+        return result
+
+    def _run(mdl_, init_, gain_, offset_, small):
         kk = k1 if small else k
         o = origins[idx] + (k - kk) // 2
         if use_kernel is not None:
@@ -330,6 +344,7 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     cov = xp.full((m_total, p, p), xp.nan)
     chi2 = xp.full(m_total, xp.nan)
     n_iter = xp.zeros(m_total, dtype=xp.int32)
+    bar.close()
     width_fixed = xp.zeros(m_total, dtype=bool)
     if int(idx.size):
         width_fixed[idx] = fixed_rows
