@@ -67,6 +67,19 @@ def is_sidpy_dataset(obj: Any) -> bool:
                for c in type(obj).__mro__)
 
 
+def is_frame_source(obj: Any) -> bool:
+    """True for a lazy stack read frame by frame from disk (LazyStack, h5py dataset, memmap).
+
+    NumPy/CuPy arrays, sidpy Datasets and lists are in-memory data, not frame sources.
+    """
+    if isinstance(obj, np.memmap):
+        return True
+    if isinstance(obj, np.ndarray) or is_cupy_array(obj) or is_sidpy_dataset(obj):
+        return False
+    return (all(hasattr(obj, a) for a in ("shape", "dtype", "__getitem__"))
+            and not isinstance(obj, list | tuple))
+
+
 def length_to_pm(value: float, unit: str) -> float:
     """Convert a length in ``unit`` (pm, Å, nm, µm, mm, m) to picometres.
 

@@ -35,6 +35,7 @@ __all__ = [
     "is_cupy_array",
     "resolve_backend",
     "set_backend",
+    "to_host",
     "use_backend",
 ]
 
@@ -100,9 +101,7 @@ class Backend:
 
     def to_numpy(self, array: Any) -> Any:
         """Return ``array`` as a NumPy array (device-to-host copy for CuPy arrays)."""
-        if is_cupy_array(array):
-            return array.get()
-        return _numpy().asarray(array)
+        return to_host(array)
 
     def synchronize(self) -> None:
         """Wait for all queued device work (no-op on NumPy); use before timing."""
@@ -154,6 +153,20 @@ def _host_available_memory() -> int:
 def is_cupy_array(array: Any) -> bool:
     """True for a CuPy ndarray, decided without importing CuPy."""
     return type(array).__module__.split(".")[0] == "cupy"
+
+
+def to_host(array: Any) -> Any:
+    """``array`` as a NumPy array, whichever backend it lives on (no copy for NumPy input).
+
+    Examples
+    --------
+    >>> from stemgpu.backend import to_host
+    >>> to_host([1, 2]).tolist()
+    [1, 2]
+    """
+    if is_cupy_array(array):
+        return array.get()
+    return _numpy().asarray(array)
 
 
 def _check_name(name: Any, argument: str) -> str:

@@ -207,10 +207,10 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
     """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
     import os
 
-    import numpy as np
-
+    from .backend import to_host
     from .io.results import save
     from .pipeline import analyze
+    from .report import save_report
 
     say = _Quiet(quiet)
     out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
@@ -243,16 +243,9 @@ def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
     save(analysis, out, overwrite=True, source=os.fspath(path))
     say(f"results: {os.path.abspath(out)}")
     if figure:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        plt.close(analysis.plot_report(figure))
-        say(f"report figure: {os.path.abspath(figure)}")
+        say(f"report figure: {save_report(analysis, figure)}")
     if analysis.atoms is not None:
-        status = analysis.atoms.status
-        ok = np.asarray(status.get() if hasattr(status, "get") else status) == 0
+        ok = to_host(analysis.atoms.status) == 0
         if not ok.any():
             print(f"stemgpu: {path}: no atom column fit converged", file=sys.stderr)
             return EXIT_FAILED

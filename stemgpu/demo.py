@@ -145,14 +145,9 @@ def run_demo(*, out="stemgpu-demo.h5", figure="stemgpu-demo.png", backend=None,
         path = save(analysis, out, overwrite=True)
         say(f"\nresults: {os.path.abspath(path)}")
     if figure:
-        import matplotlib
+        from .report import save_report
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig = analysis.plot_report(figure)
-        plt.close(fig)
-        say(f"report figure: {os.path.abspath(figure)}")
+        say(f"report figure: {save_report(analysis, figure)}")
     say(f"total {time.perf_counter() - t0:.1f} s (analysis {t1 - t0:.1f} s with simulation)")
     if bad:
         print("demo: rows further than 3 sigma from the truth: " + ", ".join(bad))

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import as_image, as_stack, is_sidpy_dataset, resolve_pixel_size
+from ._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, resolve_pixel_size
+from .backend import to_host
 
 __all__ = ["STEPS", "SYSTEMATIC", "Analysis", "AnalysisError", "Row", "analyze"]
 
@@ -96,12 +97,6 @@ class Row:
         return {"label": self.label, "value": self.value, "uncertainty": self.uncertainty,
                 "systematic": self.systematic, "unit": self.unit, "std": self.std,
                 "note": self.note}
-
-
-def _host(a):
-    if a is None:
-        return None
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 class Analysis:
@@ -181,40 +176,37 @@ class Analysis:
                     float(getattr(rate_err, axis)) / per, f"pm/{unit_t}")
         atoms = self.atoms
         if atoms is not None:
-            ok = np.asarray(_host(atoms.status)) == 0
-            err = np.asarray(_host(atoms.position_errors))[ok] * self.pixel_size_pm
+            ok = to_host(atoms.status) == 0
             species = self.species
             main = ok if species is None else ok & (np.asarray(species) != "O")
             rows["columns_fitted"] = Row("columns fitted (converged)", float(ok.sum()), 0.0,
                                          "", note=f"of {len(ok)}; "
                                          + ", ".join(f"{k} {v}" for k, v in
                                                      atoms.status_counts().items()))
-            if main.any():
-                e = np.asarray(_host(atoms.position_errors))[main] * self.pixel_size_pm
-                rows["position_error_pm"] = Row(
-                    "median column position error", float(np.median(e)), 0.0, "pm",
-                    note="one sigma per axis, A and B columns (Fisher information)")
-            elif len(err):
+            use, note = (main, "one sigma per axis, A and B columns (Fisher information)") \
+                if main.any() else (ok, "")
+            if use.any():
+                err = to_host(atoms.position_errors)[use] * self.pixel_size_pm
                 rows["position_error_pm"] = Row("median column position error",
-                                                float(np.median(err)), 0.0, "pm")
+                                                float(np.median(err)), 0.0, "pm", note=note)
         stats = self.statistics
         if stats is not None:
             rows["n_cells"] = Row("unit cells", float(stats.n_cells), 0.0, "")
             table = (
-                ("smallest_side_pm", "median smallest side", 1.0, "pm"),
-                ("longest_side_pm", "median longest side", 1.0, "pm"),
-                ("a1_length_pm", "median |a1|", 1.0, "pm"),
-                ("a2_length_pm", "median |a2|", 1.0, "pm"),
-                ("angle_deviation_deg", "median angle deviation (a1, a2)", 1.0, "deg"),
-                ("area_nm2", "median area", 1.0, "nm^2"),
-                ("bsite_displacement_row_pm", "median B-site displacement y", 1.0, "pm"),
-                ("bsite_displacement_col_pm", "median B-site displacement x", 1.0, "pm"),
-                ("bsite_distance_pm", "median B-site distance", 1.0, "pm"),
-                ("tetragonal", "median tetragonal distortion", 1.0, ""),
-                ("shear", "median shear distortion", 1.0, ""),
-                ("rotation_deg", "median rotation", 1.0, "deg"),
+                ("smallest_side_pm", "median smallest side", "pm"),
+                ("longest_side_pm", "median longest side", "pm"),
+                ("a1_length_pm", "median |a1|", "pm"),
+                ("a2_length_pm", "median |a2|", "pm"),
+                ("angle_deviation_deg", "median angle deviation (a1, a2)", "deg"),
+                ("area_nm2", "median area", "nm^2"),
+                ("bsite_displacement_row_pm", "median B-site displacement y", "pm"),
+                ("bsite_displacement_col_pm", "median B-site displacement x", "pm"),
+                ("bsite_distance_pm", "median B-site distance", "pm"),
+                ("tetragonal", "median tetragonal distortion", ""),
+                ("shear", "median shear distortion", ""),
+                ("rotation_deg", "median rotation", "deg"),
             )
-            for name, label, scale, unit in table:
+            for name, label, unit in table:
                 if name not in stats.rows:
                     continue
                 st = stats.rows[name]
@@ -223,10 +215,8 @@ class Analysis:
                     note = "order statistic of 4 sides: biased by position noise"
                 elif name == "bsite_distance_pm":
                     note = "a magnitude: biased upwards by position noise"
-                value = st.median * scale
-                rows[name] = Row(label, value, st.median_uncertainty * scale, unit,
-                                 std=st.std * scale, note=note,
-                                 systematic=_systematic(name, value))
+                rows[name] = Row(label, st.median, st.median_uncertainty, unit, std=st.std,
+                                 note=note, systematic=_systematic(name, st.median))
         if not as_text:
             return rows
         return format_rows(rows)
@@ -417,7 +407,7 @@ def analyze(stack, *, pixel_size: float | None = None,
     opts = _check_options(stage_options)
     frame_time = _frame_time(stack) if is_sidpy_dataset(stack) else None
     ndim = len(getattr(stack, "shape", np.shape(stack)))
-    streamed = _is_frame_source(stack)
+    streamed = is_frame_source(stack)
     if streamed:
         be, px, frame_time = _check_frame_source(stack, steps, pixel_size, backend)
         shape = tuple(int(x) for x in stack.shape)
@@ -459,7 +449,7 @@ def analyze(stack, *, pixel_size: float | None = None,
                                    **{"keep_registered": not streamed,
                                       **opts.get("rigid", {})})
             results["rigid"] = rigid
-            flagged = np.asarray(_host(rigid.flagged), dtype=bool)
+            flagged = to_host(rigid.flagged).astype(bool)
             if (~flagged).sum() < 3:
                 raise AnalysisError(
                     f"rigid: {int(flagged.sum())} of {len(flagged)} frames were flagged as failed "
@@ -515,18 +505,6 @@ def analyze(stack, *, pixel_size: float | None = None,
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
     return Analysis(results)
-
-
-def _is_frame_source(stack) -> bool:
-    """A lazy stack read from disk frame by frame (LazyStack, h5py dataset, memmap)."""
-    from .backend import is_cupy_array
-
-    if isinstance(stack, np.memmap):
-        return True
-    if isinstance(stack, np.ndarray) or is_cupy_array(stack) or is_sidpy_dataset(stack):
-        return False
-    return (all(hasattr(stack, a) for a in ("shape", "dtype", "__getitem__"))
-            and not isinstance(stack, list | tuple))
 
 
 def _check_frame_source(stack, steps, pixel_size, backend):
@@ -607,7 +585,7 @@ def _atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     found = find_atoms(image, sigma=options.get("sigma"),
                        threshold=options.get("threshold", 0.03),
                        min_distance=options.get("min_distance"), backend=be)
-    start = _host(found.positions)
+    start = to_host(found.positions)
     if len(start) < max(4, n_classes):
         raise AnalysisError(f"atoms: found {len(start)} column(s) in the registered mean; need at "
                          "least 4 (check pixel_size, or pass atoms={'sigma': ..., "
@@ -616,7 +594,7 @@ def _atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     # No nested bar per fitting pass: the stage bar says "atom columns" already.
     fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options)}
     first = fit_atoms(image, start, **fit_kw)
-    ok = np.asarray(_host(first.status)) == 0
+    ok = to_host(first.status) == 0
     if ok.sum() < max(4, n_classes):
         hint = ""
         if float(image.min()) < 0:
@@ -624,8 +602,8 @@ def _atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
                     "fit needs counts - add the dark level back")
         raise AnalysisError(f"atoms: only {int(ok.sum())} of {len(ok)} column fits converged "
                             f"({first.status_counts()}){hint}")
-    pos = np.asarray(_host(first.positions))
-    amp = np.asarray(_host(first.param("amplitude")))
+    pos = to_host(first.positions)
+    amp = to_host(first.param("amplitude"))
     labels = np.full(len(pos), "-", dtype=object)
     labels[ok] = assign_by_intensity(amp[ok], n_classes=n_classes, names=names)
     labels = labels.astype(str)
@@ -654,13 +632,13 @@ def _cells_stage(fit, species, px, options, names=None):
     from .lattice.cells import unit_cells
     from .lattice.stats import cell_statistics
 
-    ok = np.asarray(_host(fit.status)) == 0
+    ok = to_host(fit.status) == 0
     species = np.asarray(species)
     labels = sorted(set(species[ok]) - {"O", "-"})
     if names is not None and len(names) > 2:  # a third named class (e.g. "O") is not a cell
         labels = [x for x in labels if x in {str(n) for n in names[:2]}]
     use = ok & np.isin(species, labels)
-    pos = np.asarray(_host(fit.positions))[use]
+    pos = to_host(fit.positions)[use]
     kw = dict(options)
     if names is not None and len(names) >= 2:
         kw.setdefault("a_site", str(names[0]))

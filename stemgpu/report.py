@@ -11,18 +11,16 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_columns", "plot_maps", "plot_report"]
+from .backend import to_host
+
+__all__ = ["plot_columns", "plot_maps", "plot_report", "save_report"]
 
 _SPECIES_COLOURS = {"A": "C3", "B": "C0", "O": "C2"}
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 def _mean_image(analysis):
     img = analysis.mean_image
-    return None if img is None else _host(img)
+    return None if img is None else to_host(img)
 
 
 def plot_columns(analysis, ax=None, *, markersize: float = 6.0):
@@ -39,8 +37,8 @@ def plot_columns(analysis, ax=None, *, markersize: float = 6.0):
         ax.imshow(img, cmap="gray")
     fit = analysis.atoms
     if fit is not None:
-        ok = _host(fit.status) == 0
-        pos = _host(fit.positions)
+        ok = to_host(fit.status) == 0
+        pos = to_host(fit.positions)
         species = np.asarray(analysis.species) if analysis.species is not None \
             else np.full(len(pos), "A")
         for name in sorted(set(species[ok])):
@@ -81,10 +79,10 @@ def plot_maps(analysis, axes=None):
         plot_cell_map(cells, q, image=img, ax=ax, pixel_size=px)
         ax.set_title(title)
         ax.set_axis_off()
-    ok = _host(cells.bsite_index) >= 0
-    d = _host(cells.bsite_displacement)[ok] * px
+    ok = to_host(cells.bsite_index) >= 0
+    d = to_host(cells.bsite_displacement)[ok] * px
     typical = float(np.median(np.linalg.norm(d, axis=1))) if ok.any() else 1.0
-    side = float(np.median(_host(cells.smallest_side)))
+    side = float(np.median(to_host(cells.smallest_side)))
     # Magnify so the median arrow is 60 % of a cell; no image underneath (arrows stay legible).
     scale = max(1.0, 0.6 * side * px / max(typical, 1e-3))
     plot_bsite_displacement(cells, ax=axes[3], scale=scale, pixel_size=px)
@@ -160,3 +158,18 @@ def plot_report(analysis, path=None, *, dpi: int = 110):
             if os.path.exists(tmp):
                 os.remove(tmp)
     return fig
+
+
+def save_report(analysis, path) -> str:
+    """Draw the report of ``analysis`` into ``path`` without a display; returns the path.
+
+    For scripts and the command line: selects the non-interactive Agg backend unless one is
+    already in use, and closes the figure afterwards.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_report(analysis, path))
+    return os.path.abspath(os.fspath(path))

@@ -392,29 +392,33 @@ def _choose_engine(engine, be):
     return mod
 
 
+def _with_rows(out, rows, new):
+    """``out`` with its entries at ``rows`` replaced by those of ``new`` (one per row)."""
+    fields = []
+    for old, value in zip(out, new, strict=True):
+        old = old.copy()
+        old[rows] = value
+        fields.append(old)
+    return LMOutput(*fields)
+
+
 def _round_elliptical(ell_out, iso_out, rows, xp):
     """Elliptical results for ``rows`` from isotropic ones: s1 = s2 = s, angle 0 (undefined)."""
-    emap = [0, 1, 2, 3, 6]  # isotropic (A, r, c, s, B) -> elliptical (A, r, c, s1, s2, th, B)
+    # isotropic (A, r, c, s, B) -> elliptical (A, r, c, s1, s2, th, B)
+    emap = xp.asarray([0, 1, 2, 3, 6])
     r = xp.nonzero(rows)[0]
-    ip, ie, ic = iso_out.params[r], iso_out.param_errors[r], iso_out.covariance[r]
-    params, errors = ell_out.params.copy(), ell_out.param_errors.copy()
-    cov = ell_out.covariance.copy()
+    iso = LMOutput(*(f[r] for f in iso_out))
     p_new = xp.zeros((len(r), 7))
     e_new = xp.zeros((len(r), 7))
     c_new = xp.zeros((len(r), 7, 7))
-    for a, ea in enumerate(emap):
-        p_new[:, ea] = ip[:, a]
-        e_new[:, ea] = ie[:, a]
-        for b, eb in enumerate(emap):
-            c_new[:, ea, eb] = ic[:, a, b]
-    p_new[:, 4] = ip[:, 3]
+    p_new[:, emap] = iso.params
+    e_new[:, emap] = iso.param_errors
+    c_new[:, emap[:, None], emap[None, :]] = iso.covariance
+    p_new[:, 4] = iso.params[:, 3]
     e_new[:, 5] = xp.inf
     c_new[:, 5, 5] = xp.inf
-    params[r], errors[r], cov[r] = p_new, e_new, c_new
-    chi2, n_iter, status = ell_out.chi2.copy(), ell_out.n_iter.copy(), ell_out.status.copy()
-    chi2[r], n_iter[r], status[r] = iso_out.chi2[r], iso_out.n_iter[r], iso_out.status[r]
-    return ell_out._replace(params=params, param_errors=errors, covariance=cov, chi2=chi2,
-                            n_iter=n_iter, status=status)
+    return _with_rows(ell_out, r, iso._replace(params=p_new, param_errors=e_new,
+                                               covariance=c_new))
 
 
 def _steady_widths(nat, out, ok, sigma, error_scale, xp):
@@ -471,14 +475,8 @@ def _refit_fixed_width(out, wins, pos, origins, org, k, sigma, gain, offset, est
                 max_iter=max_iter, tol=tol, gain=gain, xp=xp, offset=off, fixed=fixed)
     take = re.status == CONVERGED
     rows = sel[take]
-    params, errors, cov = out.params.copy(), out.param_errors.copy(), out.covariance.copy()
-    chi2, n_iter, status = out.chi2.copy(), out.n_iter.copy(), out.status.copy()
-    params[rows], errors[rows], cov[rows] = re.params[take], re.param_errors[take], \
-        re.covariance[take]
-    chi2[rows], n_iter[rows], status[rows] = re.chi2[take], re.n_iter[take], re.status[take]
     fixed_rows[rows] = True
-    return out._replace(params=params, param_errors=errors, covariance=cov, chi2=chi2,
-                        n_iter=n_iter, status=status), fixed_rows
+    return _with_rows(out, rows, LMOutput(*(f[take] for f in re))), fixed_rows
 
 
 def _usable(out):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import to_host
+
 __all__ = ["QUANTITIES", "cell_map", "cell_values", "plot_bsite_displacement",
            "plot_cell_histograms", "plot_cell_map"]
 
@@ -30,10 +32,6 @@ QUANTITIES = {
     "bsite_distance": ("B-site distance from centre", "px"),
 }
 
-
-def _host(array):
-    return array.get() if hasattr(array, "get") and not isinstance(array, dict) else \
-        np.asarray(array)
 
 
 def cell_values(cells, quantity: str, *, pixel_size: float | None = None):
@@ -118,7 +116,7 @@ def plot_cell_map(cells, quantity: str = "tetragonal", *, image=None, ax=None,
         fig, ax = plt.subplots(figsize=(6, 6))
     fig = ax.figure
     if image is not None:
-        ax.imshow(_host(image), cmap="gray")
+        ax.imshow(to_host(image), cmap="gray")
     corners = np.asarray(cells.corners)[..., ::-1]  # (row, col) -> (x, y) = (col, row)
     finite = v[np.isfinite(v)]
     lim = vmax if vmax is not None else (np.percentile(np.abs(finite), 98) if len(finite)
@@ -149,7 +147,7 @@ def plot_bsite_displacement(cells, *, image=None, ax=None, scale: float = 10.0,
         fig, ax = plt.subplots(figsize=(6, 6))
     fig = ax.figure
     if image is not None:
-        ax.imshow(_host(image), cmap="gray")
+        ax.imshow(to_host(image), cmap="gray")
     ok = np.asarray(cells.bsite_index) >= 0
     c = np.asarray(cells.centres)[ok]
     d = np.asarray(cells.bsite_displacement)[ok]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._inputs import as_stack, resolve_pixel_size
+from .._inputs import as_stack, is_frame_source, resolve_pixel_size
 from ..backend import Backend, is_cupy_array, resolve_backend
 from . import _dft
 
@@ -92,19 +92,6 @@ class RigidResult:
 # --------------------------------------------------------------------------- input handling
 
 
-def _is_lazy(stack: Any) -> bool:
-    if isinstance(stack, np.memmap):
-        return True
-    if isinstance(stack, np.ndarray) or is_cupy_array(stack):
-        return False
-    from .._inputs import is_sidpy_dataset
-
-    if is_sidpy_dataset(stack):
-        return False
-    return all(hasattr(stack, a) for a in ("shape", "dtype", "__getitem__")) and not isinstance(
-        stack, list | tuple)
-
-
 def _check_frame_shapes(stack):
     # np.asarray of ragged frames raises NumPy's own message; name the frames instead.
     if isinstance(stack, list | tuple) and stack:
@@ -120,7 +107,7 @@ class _Source:
     """Frames of an in-memory (backend) array or a lazy frame source, read in batches."""
 
     def __init__(self, stack, backend, pixel_size):
-        self.lazy = _is_lazy(stack)
+        self.lazy = is_frame_source(stack)
         if self.lazy:
             shape = tuple(int(s) for s in stack.shape)
             if len(shape) != 3:
