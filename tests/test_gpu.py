@@ -8,39 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from lm_windows import K, window_problem
 
 from stemgpu.atoms import models
 from stemgpu.atoms.lm import lm_fit
-from stemgpu.synthetic import simulate_stack
 
 pytestmark = pytest.mark.gpu
 
-K = 13
 
-
-def _problem(seed, model, size=128, frames=3):
-    stack, truth = simulate_stack((frames, size, size), seed=seed, dose=200.0,
-                                  frame_jitter_px=0.3)
-    rng = np.random.default_rng(seed + 1)
-    pos = truth.image_positions()[:, np.isin(truth.species, ("Sr", "TiO"))]
-    f_idx = np.repeat(np.arange(frames), pos.shape[1])
-    pos = pos.reshape(-1, 2)
-    origins = np.rint(pos).astype(np.int64) - K // 2
-    inside = ((origins >= 0) & (origins + K <= size)).all(axis=1)
-    f_idx, pos, origins = f_idx[inside], pos[inside], origins[inside]
-    d = np.arange(K)
-    wins = stack[f_idx[:, None, None], origins[:, 0, None, None] + d[None, :, None],
-                 origins[:, 1, None, None] + d[None, None, :]]
-    lo = wins.min(axis=(1, 2))
-    amp = wins.max(axis=(1, 2)) - lo
-    start = pos + rng.uniform(-0.5, 0.5, pos.shape)
-    sig = np.full(len(pos), 50.0 / 14.6)
-    if model == "gaussian":
-        init = np.column_stack([amp, start, sig, np.maximum(lo, 1.0)])
-    else:
-        init = np.column_stack([amp, start, sig * 1.05, sig / 1.05, np.zeros(len(pos)),
-                                np.maximum(lo, 1.0)])
-    return stack, f_idx, origins, wins, init
+def _problem(seed, model):
+    return window_problem(seed, model, size=128, frames=3, species=("Sr", "TiO"),
+                          width_spread=0.0, random_angle=False)
 
 
 @pytest.mark.parametrize("model", ["gaussian", "elliptical"])

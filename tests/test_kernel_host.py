@@ -12,51 +12,19 @@ import os
 
 import numpy as np
 import pytest
+from lm_windows import K
+from lm_windows import window_problem as _problem
 
 from stemgpu.atoms import models
 from stemgpu.atoms.lm import lm_fit
 from stemgpu.kernel_sources import build_host_library, find_nvcc, host_lm_fit
-from stemgpu.synthetic import simulate_stack
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
-
-K = 13  # window side; probe sigma 50 pm / 14.6 pm = 3.4 px
 
 
 def _seed():
     env = os.environ.get("STEMGPU_TEST_SEED")
     return int(env) if env else int(np.random.SeedSequence().entropy % 2**32)
-
-
-def _problem(seed, model="gaussian", dose=200.0, frames=2, size=96, species=("Sr", "TiO", "O")):
-    """Windows of a simulated SrTiO3 stack around the columns of ``species``, perturbed starts.
-
-    O columns in a plain window share it with Sr / TiO
-    neighbours, so many of their fits end degenerate (width at its bound, Fisher information
-    singular to rounding); ``species=("Sr", "TiO")`` gives well-posed problems only.
-    """
-    stack, truth = simulate_stack((frames, size, size), seed=seed, dose=dose,
-                                  frame_jitter_px=0.3)
-    rng = np.random.default_rng(seed + 1)
-    pos = truth.image_positions()[:, np.isin(truth.species, species)]  # (F, N, 2)
-    f_idx = np.repeat(np.arange(frames), pos.shape[1])
-    pos = pos.reshape(-1, 2)
-    origins = np.rint(pos).astype(np.int64) - K // 2
-    inside = ((origins >= 0) & (origins + K <= size)).all(axis=1)
-    f_idx, pos, origins = f_idx[inside], pos[inside], origins[inside]
-    d = np.arange(K)
-    wins = stack[f_idx[:, None, None], origins[:, 0, None, None] + d[None, :, None],
-                 origins[:, 1, None, None] + d[None, None, :]]
-    lo = wins.min(axis=(1, 2))
-    amp = wins.max(axis=(1, 2)) - lo
-    start = pos + rng.uniform(-0.5, 0.5, pos.shape)
-    sig = np.full(len(pos), 50.0 / 14.6) * rng.uniform(0.8, 1.2, len(pos))
-    if model == "gaussian":
-        init = np.column_stack([amp, start, sig, np.maximum(lo, 1.0)])
-    else:
-        ang = rng.uniform(-0.5, 0.5, len(pos))
-        init = np.column_stack([amp, start, sig * 1.05, sig / 1.05, ang, np.maximum(lo, 1.0)])
-    return stack, f_idx, origins, wins, init
 
 
 def _compare(ref, got, pos_tol, seed, what, max_iter=50, exhausted_ok=False):
