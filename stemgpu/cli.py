@@ -125,8 +125,8 @@ def _frame_source(path: str, pixel_size):
     """A lazy Nion stack of >= 3 frames (streamed by rigid registration), else None."""
     from .io.nion import NionFormatError, open_frames
 
-    if not os.path.isfile(path) or _is_results_file(path):
-        return None
+    if not os.path.isfile(path):
+        return None  # read_input reports missing files, folders and results files
     try:
         source = open_frames(path, pixel_size=pixel_size)
     except (NionFormatError, ValueError, OSError):
