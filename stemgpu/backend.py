@@ -213,9 +213,15 @@ def _make_backend(name: str) -> Backend:
         raise BackendUnavailableError(
             f"backend='cupy' was requested but {reason}. {_INSTALL_HINT}."
         )
-    import cupyx.scipy.fft
-    import cupyx.scipy.linalg
-    import cupyx.scipy.ndimage
+    try:
+        import cupyx.scipy.fft
+        import cupyx.scipy.linalg
+        import cupyx.scipy.ndimage
+    except ImportError as exc:  # e.g. cuBLAS / cuSOLVER / cuFFT libraries missing
+        raise BackendUnavailableError(
+            f"backend='cupy' was requested but CuPy's CUDA libraries are incomplete ({exc}). "
+            f"{_INSTALL_HINT}."
+        ) from exc
 
     return Backend("cupy", cupy, cupyx.scipy.fft, cupyx.scipy.ndimage, cupyx.scipy.linalg)
 
@@ -223,7 +229,13 @@ def _make_backend(name: str) -> Backend:
 @functools.lru_cache(maxsize=1)
 def _auto_name() -> str:
     cupy, _reason = _probe_cupy()
-    return "cupy" if cupy is not None else "numpy"
+    if cupy is None:
+        return "numpy"
+    try:  # a device but incomplete CUDA libraries: "auto" stays silent and uses NumPy
+        _make_backend("cupy")
+    except BackendUnavailableError:
+        return "numpy"
+    return "cupy"
 
 
 def _clear_caches() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, resolve_pixel_size
+from ._progress import progress_bar
 from .backend import to_host
 
 __all__ = ["STEPS", "SYSTEMATIC", "Analysis", "AnalysisError", "Row", "analyze"]
@@ -401,8 +402,6 @@ def analyze(stack, *, pixel_size: float | None = None,
     >>> round(res.summary()["a1_length_pm"].value / 10) * 10  # SrTiO3: a = 390.5 pm
     390
     """
-    from tqdm.auto import tqdm
-
     steps = _check_steps(steps)
     opts = _check_options(stage_options)
     frame_time = _frame_time(stack) if is_sidpy_dataset(stack) else None
@@ -429,8 +428,7 @@ def analyze(stack, *, pixel_size: float | None = None,
                             "device": be.device_name, "shape": list(shape),
                             "timings_s": {}, "options": opts, "streamed": streamed}
     results: dict[str, Any] = {"info": info}
-    bar = tqdm(total=len(steps), desc="stemgpu", unit="stage", disable=not progress,
-               leave=False)
+    bar = progress_bar(progress, total=len(steps), desc="stemgpu", unit="stage", leave=False)
 
     def timed(name):
         info["timings_s"][name] = time.perf_counter() - t0

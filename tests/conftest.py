@@ -11,6 +11,12 @@ BACKENDS = ["numpy"] + (["cupy"] if GPU_AVAILABLE else [])
 
 
 def pytest_collection_modifyitems(config, items):
+    # A test run on the CuPy backend (the ``backend`` fixture's "cupy" case) is a GPU test:
+    # ``pytest -m gpu`` selects it.
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") == "cupy":
+            item.add_marker(pytest.mark.gpu)
     if GPU_AVAILABLE:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device and CuPy (none usable here)")
@@ -34,10 +40,16 @@ def xp(backend):
 
 
 @pytest.fixture(autouse=True)
-def _reset_backend_state():
-    """Each test starts with no global backend choice."""
+def _reset_backend_state(request, monkeypatch):
+    """Each test starts with no global backend choice.
+
+    On a GPU machine the tests not marked ``gpu`` are NumPy tests (they compare with NumPy
+    arrays); the environment default keeps "auto" from sending them to CuPy.
+    """
     import stemgpu
 
+    if GPU_AVAILABLE and "gpu" not in request.node.keywords:
+        monkeypatch.setenv("STEMGPU_BACKEND", "numpy")
     stemgpu.set_backend(None)
     yield
     stemgpu.set_backend(None)

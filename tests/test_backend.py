@@ -217,3 +217,15 @@ def test_cupy_backend_on_device():
     assert isinstance(a, cupy.ndarray)
     assert be.to_numpy(a * 2).tolist() == [0.0, 2.0, 4.0, 6.0]
     assert be.free_memory() > 0 and be.device_name
+
+
+def test_incomplete_cuda_libraries_named_and_auto_falls_back(monkeypatch, fake_cupy):
+    # A device exists but e.g. cuBLAS is missing: importing cupyx.scipy.linalg fails.
+    fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", None)
+    bk._clear_caches()
+    with pytest.raises(bk.BackendUnavailableError,
+                       match=r"backend='cupy' was requested but CuPy's CUDA libraries are "
+                             r"incomplete .*pip install 'stemgpu\[cuda12\]'"):
+        bk.resolve_backend("cupy")
+    assert bk.resolve_backend("auto").name == "numpy"

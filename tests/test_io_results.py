@@ -436,6 +436,9 @@ def test_json_encoding_is_valid_json(tmp_path):
 def test_cupy_result_saved_as_numpy_with_cupy_provenance(tmp_path, sim):
     import cupy
 
+    pytest.importorskip("sidpy", reason="results files write images through sidpy")
+    pytest.importorskip("pyNSID", reason="results files write images through pyNSID")
+
     rigid = make_rigid(sim)
     on_gpu = dataclasses.replace(rigid, shifts=cupy.asarray(rigid.shifts),
                                  registered=cupy.asarray(rigid.registered),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._inputs import as_image, as_stack
+from .._progress import progress_bar
 from ..backend import Backend, is_cupy_array
 from . import _warp
 
@@ -477,10 +478,8 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     flagged = xp.zeros(n, dtype=bool)
 
     n_batches = -(-n // bsize)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=rounds * n_batches * sum(its), desc="demons", unit="it",
-               disable=not progress, leave=False)
+    bar = progress_bar(progress, total=rounds * n_batches * sum(its), desc="demons", unit="it",
+                       leave=False)
     try:
         for rnd in range(rounds):
             mu = ref.mean()
