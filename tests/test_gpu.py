@@ -74,7 +74,7 @@ def test_cupy_in_cupy_out_no_host_copies():
 
     stack, f_idx, origins, wins, init = _problem(4, "gaussian")
     args = (cp.asarray(stack), cp.asarray(f_idx), cp.asarray(origins), cp.asarray(init))
-    get_module()  # compile outside the check
+    get_module(image_dtype=str(stack.dtype))  # compile outside the check
     lm_fit_kernel(*args, window=K)
     cp.cuda.Device().synchronize()
     from cupyx import allow_synchronize

@@ -40,7 +40,11 @@ def _check(nvrtc, result):
     return rest[0] if len(rest) == 1 else rest
 
 
-def _compile(arch):
+#: Options CuPy's RawModule adds to the loader's own (CuPy 13/14 ``compiler.py``).
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+
+def _compile(arch, extra=()):
     """Compile lm_fit.cu with the loader's options for ``arch``; returns (log, lowered names)."""
     nvrtc = _nvrtc()
     src = read_source(KERNEL_SOURCE).encode()
@@ -48,7 +52,8 @@ def _compile(arch):
     try:
         for name in name_expressions():
             _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in nvrtc_options()] + [f"--gpu-architecture={arch}".encode()]
+        opts = [o.encode() for o in (*nvrtc_options(), *extra)]
+        opts.append(f"--gpu-architecture={arch}".encode())
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog))
         log = b" " * size
@@ -65,9 +70,10 @@ def _compile(arch):
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+@pytest.mark.parametrize("extra", [(), CUPY_ADDED_OPTIONS], ids=["loader", "loader+cupy"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernels_compile_with_nvrtc(arch):
-    log, lowered, cubin_size = _compile(arch)
+def test_kernels_compile_with_nvrtc(arch, extra):
+    log, lowered, cubin_size = _compile(arch, extra)
     assert "warning" not in log.lower(), log
     assert len(lowered) == len(name_expressions()) == 12
     # every specialisation is a distinct mangled kernel carrying its name

@@ -18,13 +18,7 @@ import functools
 import numpy as np
 
 from ..backend import resolve_backend
-from ..kernel_sources import (
-    _sources_digest,
-    kernel_name,
-    name_expressions,
-    nvrtc_options,
-    read_source,
-)
+from ..kernel_sources import _sources_digest, kernel_name, nvrtc_options, read_source
 from .lm import LMOutput
 from .models import get_model
 
@@ -35,23 +29,31 @@ BLOCK = 128
 
 
 @functools.cache
-def _module_for_device(device_id: int):
+def _module_for(device_id: int, name: str):
     be = resolve_backend("cupy")
     cp = be.xp
     with cp.cuda.Device(device_id):
         # CuPy's kernel cache keys on the code string, not on the included headers: a digest
-        # of all sources in a trailing comment makes header edits recompile.
+        # of all sources in a trailing comment makes header edits recompile. One module per
+        # specialisation: a process compiles only what it launches (CuPy 13 does not reuse
+        # its disk cache for modules built with name expressions).
         code = read_source() + f"\n// stemgpu kernel sources {_sources_digest()}\n"
-        mod = cp.RawModule(code=code, options=nvrtc_options(),
-                           name_expressions=name_expressions())
+        mod = cp.RawModule(code=code, options=nvrtc_options(), name_expressions=(name,))
         mod.compile()
     return mod
 
 
-def get_module():
-    """The compiled ``RawModule`` for the current CUDA device (compiled once per device)."""
+def get_module(model: str = "gaussian", estimator: str = "mle", image_dtype: str = "float32",
+               compute_dtype: str = "float64"):
+    """The compiled ``RawModule`` of one kernel specialisation for the current CUDA device.
+
+    Compiled on first use, once per device and specialisation (see
+    :func:`stemgpu.kernel_sources.kernel_name` for the accepted combinations); call it ahead
+    of a timed or synchronisation-checked launch to keep the compilation out of it.
+    """
     cp = resolve_backend("cupy").xp
-    return _module_for_device(cp.cuda.Device().id)
+    name = kernel_name(get_model(model).name, estimator, image_dtype, compute_dtype)
+    return _module_for(cp.cuda.Device().id, name)
 
 
 def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="gaussian",
@@ -155,8 +157,8 @@ def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="
     status = cp.empty(m, dtype=cp.int8)
     if m == 0:
         return LMOutput(params, errors, cov, chi2, n_iter, status)
-    kern = get_module().get_function(kernel_name(mdl.name, estimator, image_dtype,
-                                                 compute_dtype))
+    name = kernel_name(mdl.name, estimator, image_dtype, compute_dtype)
+    kern = get_module(mdl.name, estimator, image_dtype, compute_dtype).get_function(name)
     f_n, h, w = stack.shape
     grid = ((m + BLOCK - 1) // BLOCK,)
     kern(grid, (BLOCK,), (
