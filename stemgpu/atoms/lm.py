@@ -129,12 +129,22 @@ def _inverse_spd(a, xp):
     return inv, ok
 
 
-def _objective(d, mu, w, estimator, xp):
+def _data_terms(d, xp):
+    """Per-fit constants of the deviance: ``d`` where positive (else 0), sum of d log d."""
+    pos = d > 0
+    dpos = xp.where(pos, d, 0.0)
+    return dpos, (dpos * xp.log(xp.where(pos, d, 1.0))).sum(axis=1)
+
+
+def _objective(d, mu, w, estimator, xp, terms=None):
+    """F per fit; ``terms`` = :func:`_data_terms` of ``d`` (MLE), computed if not given."""
     if estimator == "mle":
-        safe = xp.where(mu > 0, mu, 1.0)
-        dlog = xp.where(d > 0, d * xp.log(safe / xp.where(d > 0, d, 1.0)), 0.0)
-        f = 2.0 * (mu - d).sum(axis=1) - 2.0 * dlog.sum(axis=1)
-        return xp.where((mu > 0).all(axis=1), f, xp.inf)
+        dpos, dlogd = _data_terms(d, xp) if terms is None else terms
+        positive = mu > 0
+        # sum_{d>0} d log(mu/d) = sum dpos log(mu) - sum d log d (the data part is fixed)
+        dlog = (dpos * xp.log(xp.where(positive, mu, 1.0))).sum(axis=1) - dlogd
+        f = 2.0 * (mu - d).sum(axis=1) - 2.0 * dlog
+        return xp.where(positive.all(axis=1), f, xp.inf)
     r = d - mu
     return (w * r * r).sum(axis=1)
 
@@ -187,16 +197,19 @@ def _fix(g, h, fixed, xp):
 def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
     """Run the specified LM on one chunk; returns internal t, F, n_iter, status."""
     m = d.shape[0]
-    yy, xx = (g.ravel().astype(xp.float64) for g in xp.meshgrid(
-        xp.arange(k), xp.arange(k), indexing="ij"))
     w = 1.0 / xp.maximum(d, 1.0) if estimator == "lsq" else None
+    dpos, dlogd = _data_terms(d, xp) if estimator == "mle" else (None, None)
 
     def value(tt, dd_idx):
-        mu = model.value(tt, yy, xx, xp)
+        mu = model.value_on_grid(tt, k, xp)
         return mu + off[dd_idx] if off is not None else mu
 
+    def objective(dd, mu, dd_idx):
+        terms = None if dpos is None else (dpos[dd_idx], dlogd[dd_idx])
+        return _objective(dd, mu, None if w is None else w[dd_idx], estimator, xp, terms)
+
     all_idx = xp.arange(m)
-    f = _objective(d, value(t, all_idx), w, estimator, xp)
+    f = objective(d, value(t, all_idx), all_idx)
     status = xp.full(m, MAX_ITER, dtype=xp.int8)
     n_iter = xp.zeros(m, dtype=xp.int32)
     lam = xp.full(m, LAMBDA0)
@@ -208,7 +221,7 @@ def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
             break
         ti, di = t[idx], d[idx]
         wi = w[idx] if w is not None else None
-        mu, jac = model.value_and_jacobian(ti, yy, xx, xp)
+        mu, jac = model.value_and_jacobian_on_grid(ti, k, xp)
         if off is not None:
             mu = mu + off[idx]
         g, h = _grad_hess(di, mu, jac, wi, estimator, xp)
@@ -219,7 +232,7 @@ def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
         delta, ok_solve = _cholesky_solve(a, -g, xp)
         trial = ti + xp.where(ok_solve[:, None], delta, 0.0)
         valid = ok_solve & _valid(trial, model, k, xp)
-        f_trial = _objective(di, value(trial, idx), wi, estimator, xp)
+        f_trial = objective(di, value(trial, idx), idx)
         fi = f[idx]
         accept = valid & (f_trial < fi)
         conv = accept & (fi - f_trial <= tol * xp.maximum(f_trial, 1.0))
@@ -235,11 +248,11 @@ def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
         st = xp.where(~ok_solve, SINGULAR, st)
         status[idx] = st.astype(xp.int8)
         active[idx] = ~(conv | stuck | ~ok_solve)
-    return t, f, n_iter, status, w, yy, xx
+    return t, f, n_iter, status, w
 
 
 def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_iter=50,
-           tol=1e-7, gain=1.0, xp=None, offset=None, chunk=4096, fixed=None) -> LMOutput:
+           tol=1e-7, gain=1.0, xp=None, offset=None, chunk=None, fixed=None) -> LMOutput:
     """Fit one model per window with the batched LM specified in this module's docstring.
 
     Parameters
@@ -261,8 +274,10 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         Array namespace (numpy or cupy) of the inputs.
     offset : (M, k, k) array, optional
         Known additive model part in data units (fitted neighbouring columns).
-    chunk : int
-        Fits processed together (bounds memory: ~chunk * k^2 * P * 8 bytes).
+    chunk : int, optional
+        Fits processed together (bounds memory: ~chunk * k^2 * P * 8 bytes). Default 1024 on
+        NumPy (the arrays of a chunk stay in the CPU caches: ~1.2x faster than 4096) and
+        65536 on CuPy (a GPU wants large batches).
     fixed : (M, P) bool array, optional
         Parameters held at their initial value (removed from the normal equations); their
         errors are reported as 0 and the others' errors are those of the reduced model.
@@ -286,6 +301,8 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
     mdl = get_model(model)
     if estimator not in ("mle", "lsq"):
         raise ValueError(f"estimator={estimator!r} is not known; accepted: 'mle', 'lsq'")
+    if chunk is None:
+        chunk = 1024 if xp is np else 65536
     windows = xp.asarray(windows)
     m_total, k = windows.shape[0], windows.shape[1]
     p = mdl.n_params
@@ -307,9 +324,9 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         fx = None if fixed is None else xp.asarray(fixed[sl], dtype=bool)
         # Rejected trials may overflow exp(); they are masked, so silence NumPy's warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            t, f, it, st, w, yy, xx = _lm_chunk(d, off, t0, mdl, estimator, int(max_iter),
-                                                float(tol), k, xp, fixed=fx)
-        mu, jac = mdl.value_and_jacobian(t, yy, xx, xp)
+            t, f, it, st, w = _lm_chunk(d, off, t0, mdl, estimator, int(max_iter),
+                                        float(tol), k, xp, fixed=fx)
+        mu, jac = mdl.value_and_jacobian_on_grid(t, k, xp)
         if off is not None:
             mu = mu + off
         mu_safe = xp.where(mu > 0, mu, 1e-12)
