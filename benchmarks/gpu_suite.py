@@ -1,4 +1,4 @@
-"""One command for a GPU machine: the GPU tests, then kernel vs CuPy array path vs NumPy.
+"""One command for a GPU machine: the GPU tests, the fit kernel's table, the stage benchmarks.
 
 Run from a source tree (no install, no sidpy / pyNSID needed)::
 
@@ -14,8 +14,10 @@ float32 data) with
 - ``kernel``: :func:`stemgpu.atoms.cuda.lm_fit_kernel` (float64 and float32 arithmetic),
 
 and prints a table with the device name: fits/s, speed-up over the CuPy array path, and the
-largest position difference from NumPy on the common subset. Paste it into
-``benchmarks/RESULTS.md``.
+largest position difference from NumPy on the common subset. Last it runs the benchmark
+groups ``rigid``, ``demons``, ``fit``, ``cells`` and ``pipeline`` on NumPy and CuPy (and the
+peers installed there) and prints them as ``benchmarks/RESULTS.md`` tables; the JSON is kept
+in ``$OUT`` when set. Paste the tables into ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -143,6 +145,31 @@ def main() -> int:
         print(f"| {n:,} | {name} | {fps:.3g} | {ratio:.1f} | {dpos:.1e} |")
     print(f"\n(NumPy timed on the first {NUMPY_SUBSET:,} fits and scaled per fit; position "
           "differences on that subset.)")
+    rc_stages = run_stage_benchmarks(env)
+    return rc or rc_stages
+
+
+def run_stage_benchmarks(env) -> int:
+    """The pytest-benchmark groups (rigid, demons, fit, cells, pipeline) on every backend
+    present, as RESULTS.md tables. I/O is left out (results files need sidpy / pyNSID). The
+    JSON goes to ``$OUT`` when that is set (a device run's output folder), else to a
+    temporary folder; its path is printed."""
+    import tempfile
+    from pathlib import Path
+
+    from .report import render
+
+    out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="stemgpu-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "gpu_suite_benchmarks.json"
+    rc = subprocess.call([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only",
+                          "-q", "-p", "no:cacheprovider", "--ignore=benchmarks/bench_io.py",
+                          f"--benchmark-json={path}"], env=env)
+    print(f"\npytest benchmarks: exit code {rc}; JSON: {path}\n")
+    if path.exists():
+        import json
+
+        print(render(json.loads(path.read_text())))
     return rc
 
 
