@@ -151,7 +151,15 @@ def _host_available_memory() -> int:
 
 
 def is_cupy_array(array: Any) -> bool:
-    """True for a CuPy ndarray, decided without importing CuPy."""
+    """True for a CuPy ndarray, decided without importing CuPy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.backend import is_cupy_array
+    >>> is_cupy_array(np.zeros(3))
+    False
+    """
     return type(array).__module__.split(".")[0] == "cupy"
 
 

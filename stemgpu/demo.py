@@ -67,6 +67,15 @@ def demo_truth(truth) -> dict[str, float]:
     distortion into image axes. Drift: the simulated rate in image axes. Cells: the table of
     :func:`stemgpu.cell_statistics` computed from the exact column positions (no noise) at
     the mean frame offset, which is where registration onto the mean puts them.
+
+    Examples
+    --------
+    >>> from stemgpu.demo import demo_truth
+    >>> from stemgpu.synthetic import simulate_stack
+    >>> stack, truth = simulate_stack((3, 160, 160), frame_jitter_px=0.4, seed=1)
+    >>> values = demo_truth(truth)
+    >>> round(values["a1_length_pm"], 1), round(values["jitter_std_x_pm"], 2)
+    (390.5, 5.84)
     """
     from .lattice.cells import unit_cells
     from .lattice.stats import cell_statistics
@@ -102,6 +111,17 @@ def compare(analysis, truth_values: dict[str, float], *, limit: float = 3.0):
 
     A row disagrees when its value is more than ``limit`` total uncertainties (statistical
     and systematic in quadrature) from the truth.
+
+    Examples
+    --------
+    >>> import stemgpu
+    >>> from stemgpu.demo import compare, demo_truth
+    >>> stack, truth = stemgpu.simulate_stack((8, 192, 192), frame_jitter_px=0.3, seed=1)
+    >>> res = stemgpu.analyze(stack, pixel_size=14.6, steps=("rigid", "atoms", "cells"),
+    ...                       progress=False)
+    >>> text, disagreeing = compare(res, demo_truth(truth))
+    >>> "median |a1|" in text, set(disagreeing) <= set(res.summary())
+    (True, True)
     """
     from .pipeline import format_rows
 

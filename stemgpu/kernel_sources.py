@@ -75,7 +75,14 @@ def kernel_dir() -> Path:
 
 
 def read_source(name: str = KERNEL_SOURCE) -> str:
-    """Text of one kernel source file."""
+    """Text of one kernel source file (from :func:`kernel_dir`).
+
+    Examples
+    --------
+    >>> from stemgpu.kernel_sources import read_source
+    >>> "lm_fit_kernel" in read_source()
+    True
+    """
     return (kernel_dir() / name).read_text()
 
 
@@ -104,7 +111,14 @@ def kernel_name(model: str, estimator: str, image_dtype: str, compute_dtype: str
 
 
 def name_expressions() -> tuple[str, ...]:
-    """Every specialisation the loader instantiates (models x estimators x dtype pairs)."""
+    """Every specialisation the loader instantiates (models x estimators x dtype pairs).
+
+    Examples
+    --------
+    >>> from stemgpu.kernel_sources import name_expressions
+    >>> len(name_expressions())
+    12
+    """
     return tuple(kernel_name(m, e, i, c) for m in MODEL_STRUCTS for e in ESTIMATORS
                  for i, c in DTYPE_PAIRS)
 

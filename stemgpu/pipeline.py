@@ -37,7 +37,8 @@ from ._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, reso
 from ._progress import progress_bar
 from .backend import to_host
 
-__all__ = ["STEPS", "SYSTEMATIC", "Analysis", "AnalysisError", "Row", "analyze"]
+__all__ = ["STEPS", "SYSTEMATIC", "Analysis", "AnalysisError", "Row", "analyze",
+           "std_interval"]
 
 #: Stage names in the order they run.
 STEPS = ("rigid", "demons", "atoms", "cells")
@@ -100,6 +101,27 @@ class Row:
                 "note": self.note}
 
 
+def std_interval(s: float, dof: float, level: float = 0.6827) -> tuple[float, float]:
+    """Central confidence interval of a normal standard deviation estimated as ``s``.
+
+    From ``dof * s^2 / sigma^2 ~ chi^2(dof)``: ``(s sqrt(dof / q_hi), s sqrt(dof / q_lo))``
+    with ``q`` the chi-square quantiles at ``(1 +- level) / 2``. Asymmetric: for ``dof = 6``
+    the 68 % interval is about ``(0.80 s, 1.48 s)``.
+
+    Examples
+    --------
+    >>> from stemgpu.pipeline import std_interval
+    >>> [round(v, 2) for v in std_interval(3.0, 6)]
+    [2.41, 4.44]
+    """
+    from scipy.stats import chi2
+
+    tail = 0.5 * (1.0 - level)
+    dof = float(max(dof, 1e-9))
+    q_lo, q_hi = chi2.ppf(tail, dof), chi2.ppf(1.0 - tail, dof)
+    return float(s * np.sqrt(dof / q_hi)), float(s * np.sqrt(dof / q_lo))
+
+
 class Analysis:
     """Every stage's result of :func:`analyze`, with the summary table and the plots.
 
@@ -150,7 +172,10 @@ class Analysis:
         the smooth fit (``s / sqrt(sum (t - mean t)^2)`` for a straight line, propagated
         through the hat matrix for a polynomial or spline); cell figures are medians with the
         bootstrap uncertainty of the median (:func:`stemgpu.cell_statistics`); ``std`` is
-        the spread over frames or cells. Smallest and longest side are order statistics of
+        the spread over frames or cells. The jitter rows' notes also give the 68 % interval
+        of the jitter std (:func:`std_interval`): for few frames the sampling distribution of
+        a standard deviation is skewed and ``s / sqrt(2 (n - p))`` understates how far above
+        ``s`` the true value can lie. Smallest and longest side are order statistics of
         four noisy sides: position noise biases them apart (see ``|a1|``, ``|a2|`` for
         unbiased side lengths).
         """
@@ -168,9 +193,11 @@ class Analysis:
             rate_err = drift.drift_rate_uncertainty_pm_per_frame
             for axis in ("x", "y"):
                 s = float(getattr(drift.jitter_std_pm, axis))
+                lo, hi = std_interval(s, nu)
                 rows[f"jitter_std_{axis}_pm"] = Row(
                     f"jitter std {axis}", s, s / np.sqrt(2.0 * nu), "pm",
-                    note=f"{n} frames about the {drift.model} drift")
+                    note=f"{n} frames about the {drift.model} drift; 68 % interval "
+                         f"{lo:.3g}-{hi:.3g} pm")
             for axis in ("x", "y"):
                 rows[f"drift_rate_{axis}_pm_per_{unit_t}"] = Row(
                     f"drift rate {axis}", float(getattr(rate, axis)),

@@ -26,7 +26,28 @@ def _mean_image(analysis):
 def plot_columns(analysis, ax=None, *, markersize: float = 6.0):
     """The registered mean with the converged column fits marked by species.
 
-    Returns the matplotlib Figure.
+    Parameters
+    ----------
+    analysis : Analysis
+    ax : matplotlib Axes, optional
+        Drawn into; a new 6 x 6 in figure otherwise.
+    markersize : float
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import stemgpu
+    >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
+    >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
+    >>> from stemgpu.report import plot_columns
+    >>> fig = plot_columns(res)
+    >>> sorted(t.get_text().split()[0] for t in fig.axes[0].get_legend().get_texts())
+    ['A', 'B', 'O', 'flagged']
     """
     import matplotlib.pyplot as plt
 
@@ -59,7 +80,33 @@ def plot_columns(analysis, ax=None, *, markersize: float = 6.0):
 def plot_maps(analysis, axes=None):
     """Maps of tetragonal distortion, shear, rotation and B-site displacement (4 panels).
 
-    Returns the matplotlib Figure.
+    Parameters
+    ----------
+    analysis : Analysis
+        With the ``"cells"`` step.
+    axes : four matplotlib Axes, optional
+        Drawn into; a new 2 x 2 figure otherwise.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        The analysis has no unit cells.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import stemgpu
+    >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
+    >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
+    >>> from stemgpu.report import plot_maps
+    >>> fig = plot_maps(res)
+    >>> [ax.get_title() for ax in fig.axes if ax.get_title()]  # (colour bars have none)
+    ['tetragonal distortion', 'shear distortion', 'rotation (deg)', 'B-site displacement (x...)']
     """
     import matplotlib.pyplot as plt
 
@@ -123,6 +170,18 @@ def plot_report(analysis, path=None, *, dpi: int = 110):
     Returns
     -------
     matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import stemgpu
+    >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
+    >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
+    >>> from stemgpu.report import plot_report
+    >>> fig = plot_report(res, "report.png")
+    >>> import os; os.path.exists("report.png")
+    True
     """
     import matplotlib.pyplot as plt
 
@@ -165,6 +224,28 @@ def save_report(analysis, path) -> str:
 
     For scripts and the command line: selects the non-interactive Agg backend unless one is
     already in use, and closes the figure afterwards.
+
+    Parameters
+    ----------
+    analysis : Analysis
+    path : str or os.PathLike
+        PNG (or any matplotlib format, by extension); written completely or not at all.
+
+    Returns
+    -------
+    str
+        The absolute path written.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import stemgpu
+    >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
+    >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
+    >>> from stemgpu.report import save_report
+    >>> save_report(res, "report.png").endswith("report.png")
+    True
     """
     import matplotlib
 

@@ -169,3 +169,25 @@ def test_streamed_mean_leaves_out_flagged_frames(tmp_path):
     inner = (slice(16, -16), slice(16, -16))
     a, b = np.asarray(streamed.mean_image)[inner], np.asarray(memory.mean_image)[inner]
     np.testing.assert_allclose(a, b, atol=1e-3 * float(b.max()))
+
+
+@pytest.mark.parametrize("dof", [2, 6, 30])
+def test_std_interval_covers_the_true_std_at_its_level(dof):
+    from stemgpu.pipeline import std_interval
+
+    rng = np.random.default_rng(dof)
+    sigma = 3.0
+    s = sigma * np.sqrt(rng.chisquare(dof, 20000) / dof)
+    lo, hi = np.array([std_interval(v, dof) for v in s[:4000]]).T
+    inside = (lo <= sigma) & (sigma <= hi)
+    assert abs(inside.mean() - 0.6827) < 0.025
+    # ... and more often above s than below it: the skew the plain s / sqrt(2 dof) misses
+    assert np.mean(hi - s[:4000]) > np.mean(s[:4000] - lo)
+
+
+def test_jitter_rows_state_their_interval():
+    stack, _ = stemgpu.simulate_stack((6, 128, 128), frame_jitter_px=0.3, seed=2)
+    res = analyze(stack, pixel_size=14.6, steps=("rigid",), progress=False)
+    row = res.summary()["jitter_std_x_pm"]
+    lo, hi = (float(v) for v in row.note.split("interval ")[1].split(" pm")[0].split("-"))
+    assert lo < row.value < hi and hi - row.value > row.value - lo
