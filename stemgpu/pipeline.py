@@ -175,9 +175,10 @@ class Analysis:
         the spread over frames or cells. The jitter rows' notes also give the 68 % interval
         of the jitter std (:func:`std_interval`): for few frames the sampling distribution of
         a standard deviation is skewed and ``s / sqrt(2 (n - p))`` understates how far above
-        ``s`` the true value can lie. Smallest and longest side are order statistics of
-        four noisy sides: position noise biases them apart (see ``|a1|``, ``|a2|`` for
-        unbiased side lengths).
+        ``s`` the true value can lie; the drift rows' notes give the 68 % half-width of the
+        rate's Student t distribution (its error scales with the residual std). Smallest and
+        longest side are order statistics of four noisy sides: position noise biases them
+        apart (see ``|a1|``, ``|a2|`` for unbiased side lengths).
         """
         rows: dict[str, Row] = {}
         drift = self.drift
@@ -198,10 +199,15 @@ class Analysis:
                     f"jitter std {axis}", s, s / np.sqrt(2.0 * nu), "pm",
                     note=f"{n} frames about the {drift.model} drift; 68 % interval "
                          f"{lo:.3g}-{hi:.3g} pm")
+            # The rate's error scales with the residual std (nu dof): Student t, not normal.
+            from scipy.stats import t as student_t
+
+            k68 = float(student_t.ppf(0.5 + 0.5 * 0.6827, nu))
             for axis in ("x", "y"):
+                err = float(getattr(rate_err, axis)) / per
                 rows[f"drift_rate_{axis}_pm_per_{unit_t}"] = Row(
-                    f"drift rate {axis}", float(getattr(rate, axis)),
-                    float(getattr(rate_err, axis)) / per, f"pm/{unit_t}")
+                    f"drift rate {axis}", float(getattr(rate, axis)), err, f"pm/{unit_t}",
+                    note=f"t with {nu:g} dof: 68 % interval +-{k68 * err:.3g}")
         atoms = self.atoms
         if atoms is not None:
             ok = to_host(atoms.status) == 0

@@ -191,3 +191,8 @@ def test_jitter_rows_state_their_interval():
     row = res.summary()["jitter_std_x_pm"]
     lo, hi = (float(v) for v in row.note.split("interval ")[1].split(" pm")[0].split("-"))
     assert lo < row.value < hi and hi - row.value > row.value - lo
+    # drift rate: Student t with n - 2 dof (6 frames, straight line)
+    rate = res.summary()["drift_rate_x_pm_per_frame"]
+    assert rate.note.startswith("t with 4 dof")
+    half = float(rate.note.split("+-")[1])
+    assert half == pytest.approx(1.1417 * rate.uncertainty, rel=2e-3)  # t(4) at 84.13 %
