@@ -384,6 +384,11 @@ def available_backends() -> dict[str, str]:
     """
     out = {"numpy": "available"}
     cupy, reason = _probe_cupy()
+    if cupy is not None:
+        try:  # a device, but are CuPy's CUDA libraries complete?
+            _make_backend("cupy")
+        except BackendUnavailableError as exc:
+            cupy, reason = None, str(exc)
     out["cupy"] = "available" if cupy is not None else reason
     return out
 

@@ -116,8 +116,9 @@ def std_interval(s: float, dof: float, level: float = 0.6827) -> tuple[float, fl
     """
     from scipy.stats import chi2
 
+    if not (dof > 0):
+        raise ValueError(f"dof must be positive; got {dof!r}")
     tail = 0.5 * (1.0 - level)
-    dof = float(max(dof, 1e-9))
     q_lo, q_hi = chi2.ppf(tail, dof), chi2.ppf(1.0 - tail, dof)
     return float(s * np.sqrt(dof / q_hi)), float(s * np.sqrt(dof / q_lo))
 
@@ -185,25 +186,27 @@ class Analysis:
         if drift is not None:
             used = np.asarray(drift.used, dtype=bool)
             n = int(used.sum())
-            dof = float(drift.parameters.get("fit_dof", 2.0))
-            nu = max(n - dof, 1.0)
+            dofs = np.broadcast_to(np.asarray(drift.parameters.get("fit_dof", 2.0),
+                                              dtype=float), (2,))  # (row, col) axes
+            nus = {"y": max(n - float(dofs[0]), 1.0), "x": max(n - float(dofs[1]), 1.0)}
             unit_t = "s" if drift.frame_time_s is not None else "frame"
             per = drift.frame_time_s or 1.0
             rate = drift.drift_rate_pm_per_s if drift.frame_time_s is not None \
                 else drift.drift_rate_pm_per_frame
             rate_err = drift.drift_rate_uncertainty_pm_per_frame
             for axis in ("x", "y"):
-                s = float(getattr(drift.jitter_std_pm, axis))
+                s, nu = float(getattr(drift.jitter_std_pm, axis)), nus[axis]
                 lo, hi = std_interval(s, nu)
                 rows[f"jitter_std_{axis}_pm"] = Row(
                     f"jitter std {axis}", s, s / np.sqrt(2.0 * nu), "pm",
                     note=f"{n} frames about the {drift.model} drift; 68 % interval "
-                         f"{lo:.3g}-{hi:.3g} pm")
+                         f"[{lo:.3g}, {hi:.3g}] pm")
             # The rate's error scales with the residual std (nu dof): Student t, not normal.
             from scipy.stats import t as student_t
 
-            k68 = float(student_t.ppf(0.5 + 0.5 * 0.6827, nu))
             for axis in ("x", "y"):
+                nu = nus[axis]
+                k68 = float(student_t.ppf(0.5 + 0.5 * 0.6827, nu))
                 err = float(getattr(rate_err, axis)) / per
                 rows[f"drift_rate_{axis}_pm_per_{unit_t}"] = Row(
                     f"drift rate {axis}", float(getattr(rate, axis)), err, f"pm/{unit_t}",

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stemgpu.backend import available_backends
 
 GPU_AVAILABLE = available_backends()["cupy"] == "available"
 BACKENDS = ["numpy"] + (["cupy"] if GPU_AVAILABLE else [])
+
+
+def pytest_configure(config):
+    # On a GPU machine the tests not marked ``gpu`` are NumPy tests (they compare with NumPy
+    # arrays): a session-wide default keeps "auto" from sending them, and the module-scoped
+    # fixtures they use, to CuPy. GPU tests lift it (see _reset_backend_state).
+    if GPU_AVAILABLE:
+        os.environ.setdefault("STEMGPU_BACKEND", "numpy")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,15 +51,12 @@ def xp(backend):
 
 @pytest.fixture(autouse=True)
 def _reset_backend_state(request, monkeypatch):
-    """Each test starts with no global backend choice.
-
-    On a GPU machine the tests not marked ``gpu`` are NumPy tests (they compare with NumPy
-    arrays); the environment default keeps "auto" from sending them to CuPy.
-    """
+    """Each test starts with no global backend choice; GPU tests without the session's
+    NumPy default of a GPU machine (see pytest_configure)."""
     import stemgpu
 
-    if GPU_AVAILABLE and "gpu" not in request.node.keywords:
-        monkeypatch.setenv("STEMGPU_BACKEND", "numpy")
+    if GPU_AVAILABLE and "gpu" in request.node.keywords:
+        monkeypatch.delenv("STEMGPU_BACKEND", raising=False)
     stemgpu.set_backend(None)
     yield
     stemgpu.set_backend(None)

@@ -189,7 +189,7 @@ def test_jitter_rows_state_their_interval():
     stack, _ = stemgpu.simulate_stack((6, 128, 128), frame_jitter_px=0.3, seed=2)
     res = analyze(stack, pixel_size=14.6, steps=("rigid",), progress=False)
     row = res.summary()["jitter_std_x_pm"]
-    lo, hi = (float(v) for v in row.note.split("interval ")[1].split(" pm")[0].split("-"))
+    lo, hi = (float(v) for v in row.note.split("interval [")[1].split("] pm")[0].split(","))
     assert lo < row.value < hi and hi - row.value > row.value - lo
     # drift rate: Student t with n - 2 dof (6 frames, straight line)
     rate = res.summary()["drift_rate_x_pm_per_frame"]

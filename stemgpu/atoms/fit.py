@@ -516,7 +516,9 @@ def _edge_peaks(stack, pos, frames, status, nat, ok, fitted, xp):
     """
     f_n, h, w = stack.shape
     edge = (status == OUT_OF_BOUNDS) & xp.isfinite(pos).all(axis=1)
-    edge &= (pos[:, 0] >= 0) & (pos[:, 0] <= h - 1) & (pos[:, 1] >= 0) & (pos[:, 1] <= w - 1)
+    # "Inside the image" as in window_origins: pixel centres +- 0.5
+    edge &= (pos[:, 0] >= -0.5) & (pos[:, 0] <= h - 0.5) & (pos[:, 1] >= -0.5) & (
+        pos[:, 1] <= w - 0.5)
     rows = xp.nonzero(edge)[0]
     if int(rows.size) == 0 or not bool(ok.any()):
         return None

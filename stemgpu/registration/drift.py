@@ -64,6 +64,8 @@ class DriftReport:
     pixel_size_pm : float
     frame_time_s : float or None
     parameters : dict
+        The options, plus ``smoothing_used`` and ``fit_dof`` (effective degrees of freedom of
+        the smooth fit) per axis, in (row, col) order.
     """
 
     offsets_pm: Any
@@ -367,14 +369,16 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     frames = np.arange(n, dtype=float)
     time = frames * ft if ft is not None else frames
     smooth = np.empty_like(offsets)
-    dof = 0.0
+    dofs = []
     lams = []
     for k in range(2):  # the two axes, not a loop over frames
         smooth[:, k], dof, lam = _fit(model, frames, offsets[:, k], used, degree, smoothing)
+        dofs.append(float(dof))
         lams.append(lam)
     jitter = offsets - smooth
     nu = int(used.sum())
-    std = np.sqrt((jitter[used] ** 2).sum(axis=0) / max(nu - dof, 1.0))
+    # Each axis has its own fit (a spline chooses its smoothing per axis): its own dof.
+    std = np.sqrt((jitter[used] ** 2).sum(axis=0) / np.maximum(nu - np.asarray(dofs), 1.0))
 
     ou = offsets[used]
     fu = frames[used]
@@ -397,7 +401,7 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
         residual_lag1=XY(x=lag[1], y=lag[0]), model=model, pixel_size_pm=px,
         frame_time_s=ft,
         parameters={"model": model, "degree": int(degree) if model == "poly" else None,
-                    "smoothing": smoothing, "smoothing_used": lams, "fit_dof": dof,
+                    "smoothing": smoothing, "smoothing_used": lams, "fit_dof": dofs,
                     "frame_time": ft,
                     "pixel_size_pm": px, "excluded": np.flatnonzero(exclude).tolist()},
     )
