@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, is_cupy_array, resolve_backend
+from .backend import Backend, is_cupy_array, resolve_backend, to_host
 
 __all__ = [
     "Calibrated",
@@ -178,8 +178,7 @@ def _check_finite(xp, array: Any, name: str) -> None:
     if array.ndim == 3:
         per_frame = bad.reshape(array.shape[0], -1).any(axis=1)
         if bool(per_frame.any()):
-            frames = np.flatnonzero(np.asarray(per_frame.get() if is_cupy_array(per_frame)
-                                               else per_frame))
+            frames = np.flatnonzero(to_host(per_frame))
             shown = ", ".join(str(i) for i in frames[:20]) + (" ..." if len(frames) > 20 else "")
             raise ValueError(
                 f"{name} has NaN or infinite pixels in frame(s) {shown}; "

@@ -163,8 +163,10 @@ def is_cupy_array(array: Any) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
 
 
-def to_host(array: Any) -> Any:
-    """``array`` as a NumPy array, whichever backend it lives on (no copy for NumPy input).
+def to_host(array: Any, copy: bool = False) -> Any:
+    """``array`` as a NumPy array, whichever backend it lives on.
+
+    NumPy input is returned as is unless ``copy`` (a device array is always copied).
 
     Examples
     --------
@@ -174,7 +176,7 @@ def to_host(array: Any) -> Any:
     """
     if is_cupy_array(array):
         return array.get()
-    return _numpy().asarray(array)
+    return _numpy().array(array) if copy else _numpy().asarray(array)
 
 
 def _check_name(name: Any, argument: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._inputs import as_image
+from ..backend import to_host
 
 __all__ = ["FoundAtoms", "estimate_sigma", "find_atoms"]
 
@@ -28,7 +29,7 @@ class FoundAtoms:
         out = {}
         for f in ("positions", "intensities"):
             v = getattr(self, f)
-            out[f] = v.get() if hasattr(v, "get") and not isinstance(v, np.ndarray) else v.copy()
+            out[f] = to_host(v, copy=True)
         return replace(self, **out)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._inputs import as_image
 from .._progress import progress_bar
+from ..backend import is_cupy_array, to_host
 from .lm import LMOutput, lm_fit
 from .models import CONVERGED, FLAT, MAX_ITER, OUT_OF_BOUNDS, SINGULAR, STATUS_NAMES, get_model
 from .windows import default_window, extract_windows, render_peaks, window_origins
@@ -90,7 +91,7 @@ class AtomFit:
 
     def status_counts(self) -> dict[str, int]:
         """Number of fits per status word."""
-        st = np.asarray(self.status.get() if hasattr(self.status, "get") else self.status)
+        st = to_host(self.status)
         return {STATUS_NAMES[c]: int((st == c).sum()) for c in STATUS_NAMES if (st == c).any()}
 
     def to_numpy(self) -> AtomFit:
@@ -98,16 +99,13 @@ class AtomFit:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if hasattr(v, "get") and type(v).__module__.split(".")[0] == "cupy":
-                v = v.get()
-            elif isinstance(v, np.ndarray):
-                v = v.copy()
-            out[f.name] = v
+            is_array = is_cupy_array(v) or isinstance(v, np.ndarray)
+            out[f.name] = to_host(v, copy=True) if is_array else v
         return replace(self, **out)
 
 
 def _check_positions(positions, n_frames):
-    if hasattr(positions, "get") and type(positions).__module__.split(".")[0] == "cupy":
+    if is_cupy_array(positions):
         positions = positions.get()
     try:
         pos = np.asarray(positions, dtype=np.float64)
@@ -549,7 +547,7 @@ def _neighbour_offsets(mdl, nat, frames, origins, k, shape, xp, edge=None):
     full = render_peaks(mdl, nat, frames, shape, radius, xp)
     extra = None if edge is None else _edge_peaks(*edge[:4], nat, edge[4], full, xp)
     if extra is not None and int(extra[0].shape[0]):
-        full = full + render_peaks(mdl, extra[0], extra[1], shape, radius, xp)
+        full += render_peaks(mdl, extra[0], extra[1], shape, radius, xp)
     wins = extract_windows(full, frames, origins.astype(xp.int64), k, xp)
     d = xp.arange(k, dtype=xp.float64)
     yy, xx = (g.ravel() for g in xp.meshgrid(d, d, indexing="ij"))

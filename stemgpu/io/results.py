@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .._inputs import is_sidpy_dataset
-from ..backend import is_cupy_array
+from ..backend import is_cupy_array, to_host
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_provenance", "save"]
 
@@ -79,10 +79,6 @@ def _is_array(obj: Any) -> bool:
     return isinstance(obj, np.ndarray) or is_cupy_array(obj) or _is_lazy_array(obj)
 
 
-def _host(array: Any) -> np.ndarray:
-    return array.get() if is_cupy_array(array) else np.asarray(array)
-
-
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
@@ -102,7 +98,7 @@ def _to_json(obj: Any, where: str) -> Any:
             return {"__npscalar__": obj.dtype.str, "value": obj.item()}
         return {"__npscalar__": obj.dtype.str, "b64": _b64(np.asarray(obj).tobytes())}
     if isinstance(obj, np.ndarray) or is_cupy_array(obj):
-        arr = np.ascontiguousarray(_host(obj))
+        arr = np.ascontiguousarray(to_host(obj))
         if arr.dtype.hasobject:
             return {"__objarray__": [_to_json(v, f"{where}[...]") for v in arr.ravel()],
                     "shape": list(arr.shape)}
@@ -272,7 +268,7 @@ class _Writer:
             self.backends.add("cupy")
         if _is_lazy_array(value):
             return self._lazy_array(group, name, value)
-        arr = _host(value)
+        arr = to_host(value)
         if arr.dtype.hasobject:
             group.create_dataset(name, data=_dumps(arr, where))
             return {"tag": "json"}
@@ -315,7 +311,7 @@ class _Writer:
 
             starts = tqdm(starts, desc="save", unit="batch")
         for start in starts:
-            dset[start:start + batch] = _host(src[start:start + batch])
+            dset[start:start + batch] = to_host(src[start:start + batch])
 
     # -------------------------------------------------------------- sidpy / pyNSID
     def nsid(self, dataset, title: str):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .._inputs import resolve_pixel_size
-from ..backend import is_cupy_array, resolve_backend
+from ..backend import is_cupy_array, resolve_backend, to_host
 from .strain import bsite_displacement, strain_components
 
 __all__ = ["UnitCells", "unit_cells"]
@@ -137,7 +137,7 @@ class UnitCells:
 
     def to_numpy(self) -> UnitCells:
         """A copy with NumPy arrays (device-to-host copies for a CuPy result)."""
-        kw = {f.name: _host_copy(getattr(self, f.name)) for f in fields(self)
+        kw = {f.name: to_host(getattr(self, f.name), copy=True) for f in fields(self)
               if f.name not in ("pixel_size_pm", "parameters")}
         return replace(self, parameters=dict(self.parameters), **kw)
 
@@ -146,10 +146,6 @@ class UnitCells:
         from .stats import cell_statistics
 
         return cell_statistics(self, **kwargs)
-
-
-def _host_copy(array):
-    return array.get() if is_cupy_array(array) else np.array(array)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._inputs import as_image, resolve_pixel_size
-from ..backend import is_cupy_array, resolve_backend
+from ..backend import resolve_backend, to_host
 from .cells import UnitCells, unit_cells
 
 __all__ = ["DistortionEstimate", "correct_distortion", "estimate_distortion"]
@@ -263,7 +263,7 @@ def correct_distortion(data, matrix, *, center=None, kind: str = "auto", order: 
     (2, 8, 8)
     """
     a = matrix.matrix if isinstance(matrix, DistortionEstimate) else matrix
-    a = np.asarray(a.get() if is_cupy_array(a) else a, dtype=np.float64)
+    a = np.asarray(to_host(a), dtype=np.float64)
     if a.shape != (2, 2) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a)) < 1e-9:
         raise ValueError(f"matrix must be a finite, non-singular 2 x 2 array; got {matrix!r}")
     if kind not in ("auto", "positions", "image"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from .._inputs import as_image, as_stack
 from .._progress import progress_bar
-from ..backend import Backend, is_cupy_array
+from ..backend import Backend, is_cupy_array, to_host
 from . import _warp
 
 __all__ = ["DemonsResult", "register_demons", "warp"]
@@ -89,7 +89,7 @@ class DemonsResult:
         def conv(a):
             if a is None:
                 return None
-            return a.get() if is_cupy_array(a) else np.array(a)
+            return to_host(a, copy=True)
 
         names = ("registered", "displacement", "reference", "mean", "metric_before",
                  "metric_after", "metric_history", "update_history", "iterations", "flagged")

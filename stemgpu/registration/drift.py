@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._inputs import resolve_pixel_size
-from ..backend import is_cupy_array
+from ..backend import is_cupy_array, to_host
 
 __all__ = ["XY", "DriftReport", "drift_report"]
 
@@ -323,8 +323,7 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     default_exclude = None
     if hasattr(shifts, "shifts") and hasattr(shifts, "flagged"):
         px_from_data = shifts.pixel_size_pm
-        default_exclude = np.asarray(
-            shifts.flagged.get() if is_cupy_array(shifts.flagged) else shifts.flagged)
+        default_exclude = to_host(shifts.flagged)
         shifts = shifts.shifts
     if is_cupy_array(shifts):
         shifts = shifts.get()
