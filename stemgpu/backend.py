@@ -30,6 +30,7 @@ __all__ = [
     "BACKEND_NAMES",
     "Backend",
     "BackendUnavailableError",
+    "HostCopyMixin",
     "available_backends",
     "get_backend",
     "is_cupy_array",
@@ -125,8 +126,79 @@ class Backend:
             return int(free)
         return _host_available_memory()
 
+    def frames_per_batch(self, shape: tuple[int, ...], bytes_per_pixel: int, *,
+                         batch_size: Any = "auto", gpu_fraction: float = 0.25,
+                         cpu_fraction: float = 0.125, cpu_cap: int = 256 * 2**20,
+                         max_frames: int | None = None) -> int:
+        """How many frames of ``shape = (n, h, w)`` one batch of a stage may hold.
+
+        A stage states its working memory (``bytes_per_pixel`` per frame pixel); the batch
+        then fills ``gpu_fraction`` of the free device memory, or on the CPU the smaller of
+        ``cpu_fraction`` of the available host memory and ``cpu_cap`` bytes (a cache-friendly
+        size: larger CPU batches are not faster). An explicit integer ``batch_size`` is
+        checked and returned as is.
+
+        Examples
+        --------
+        >>> import stemgpu
+        >>> be = stemgpu.backend.resolve_backend("numpy")
+        >>> be.frames_per_batch((10, 64, 64), 48, batch_size=4)
+        4
+        >>> 1 <= be.frames_per_batch((10, 64, 64), 48) <= 10
+        True
+        """
+        from ._checks import check_batch_size
+
+        batch_size = check_batch_size(batch_size)
+        if batch_size != "auto":
+            return batch_size
+        n = int(shape[0])
+        per_frame = max(1, int(bytes_per_pixel) * int(shape[-2]) * int(shape[-1]))
+        if self.is_gpu:
+            budget = int(self.free_memory() * gpu_fraction)
+        else:
+            budget = min(int(self.free_memory() * cpu_fraction), cpu_cap)
+        cap = n if max_frames is None else min(n, max_frames)
+        return int(max(1, min(cap, budget // per_frame)))
+
     def __repr__(self) -> str:  # short, for notebooks
         return f"Backend({self.name!r})"
+
+
+class HostCopyMixin:
+    """``to_numpy()`` for result dataclasses: a copy whose NumPy/CuPy array fields are
+    NumPy arrays (device-to-host for CuPy) and whose dict fields are shallow copies.
+
+    Any other field (numbers, strings, a streamed file-backed target) is kept as is.
+
+    Examples
+    --------
+    >>> from dataclasses import dataclass
+    >>> import numpy as np
+    >>> from stemgpu.backend import HostCopyMixin
+    >>> @dataclass(frozen=True)
+    ... class R(HostCopyMixin):
+    ...     x: object
+    ...     parameters: dict
+    >>> r = R(np.zeros(2), {"a": 1})
+    >>> c = r.to_numpy()
+    >>> c.x is r.x, c.x.tolist(), c.parameters == r.parameters
+    (False, [0.0, 0.0], True)
+    """
+
+    def to_numpy(self):
+        """A copy with every array field as a NumPy array (see the class docstring)."""
+        import dataclasses
+
+        np_ = _numpy()
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if is_cupy_array(v) or isinstance(v, np_.ndarray):
+                out[f.name] = to_host(v, copy=True)
+            elif isinstance(v, dict):
+                out[f.name] = dict(v)
+        return dataclasses.replace(self, **out)
 
 
 def _numpy() -> ModuleType:
