@@ -149,3 +149,35 @@ def test_track_columns_validates_input():
         track_columns(stack, np.array([[16.0, 16.0]]), species=["a", "b"])
     with pytest.raises(ValueError, match="jump_z must be a finite number > 0"):
         track_columns(stack, np.array([[16.0, 16.0]]), jump_z=-1)
+
+
+def test_frame_series_of_a_clean_stack(clean_tracks):
+    from stemgpu.lattice.series import frame_series
+
+    tracks, _, _ = clean_tracks
+    series = frame_series(tracks, pixel_size=14.6, species=("Sr", "TiO"))
+    assert len(series.frames) == tracks.n_frames and not series.skipped
+    a1 = series.values["a1_length_pm"]
+    assert np.all(np.abs(a1 - 390.5) < 5 * series.uncertainties["a1_length_pm"] + 0.5), a1
+    # No beam-induced change was simulated: no series drifts significantly.
+    assert not any(t.significant for t in series.trends.values()), str(series)
+
+
+def test_frame_series_detects_a_growing_lattice():
+    from types import SimpleNamespace
+
+    from stemgpu.lattice.series import frame_series
+
+    rng = np.random.default_rng(12)
+    r, c = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+    base = np.stack([r.ravel(), c.ravel()], 1) * 26.75
+    grow = 1 + 0.0005 * np.arange(15)  # +0.05 % per frame
+    pos = base[None] * grow[:, None, None] + rng.normal(0, 0.05, (15, 144, 2))
+    tracks = SimpleNamespace(positions=pos, species=np.array(["Sr"] * 144),
+                             column_flags=np.zeros(144, int))
+    series = frame_series(tracks, pixel_size=14.6)
+    trend = series.trends["a1_length_pm"]
+    assert trend.significant
+    assert trend.slope == pytest.approx(26.75 * 14.6 * 0.0005, rel=0.2)
+    with pytest.raises(ValueError, match="pixel_size must be a finite number > 0"):
+        frame_series(tracks, pixel_size=0)
