@@ -181,3 +181,4 @@ def test_frame_series_detects_a_growing_lattice():
     assert trend.slope == pytest.approx(26.75 * 14.6 * 0.0005, rel=0.2)
     with pytest.raises(ValueError, match="pixel_size must be a finite number > 0"):
         frame_series(tracks, pixel_size=0)
+

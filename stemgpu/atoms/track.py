@@ -427,8 +427,8 @@ def _frame_gates(motion, motion_errors, fitted, usable_cols, frame_z, fail_fract
 def track_columns(stack, positions, *, species=None, sigma=None, window=None,
                   estimator="mle", counts_per_unit=None, model="gaussian", jump_z=6.0,
                   fade_z=5.0, fade_fraction=0.2, erratic_p=1e-6, frame_z=6.0,
-                  fail_fraction=0.2,
-                  level=0.6827, engine="auto", progress=False, backend=None) -> ColumnTracks:
+                  fail_fraction=0.2, level=0.6827, batch_frames="auto", engine="auto",
+                  progress=False, backend=None) -> ColumnTracks:
     """Fit every column in every frame of a registered stack, and check the error bars.
 
     Parameters
@@ -453,8 +453,14 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
         ... or when more than this fraction of its column fits fail.
     level : float
         Confidence level of the calibration ratios' intervals.
+    batch_frames : int or "auto"
+        Frames fitted per batch. ``"auto"``: all at once for an in-memory stack, batches
+        sized to the backend's memory budget for a lazy frame source
+        (:func:`stemgpu.open_frames`, an h5py dataset, a memmap), which is read batch by batch
+        so a stack larger than memory can be tracked. With several batches and no
+        ``counts_per_unit`` the gain is estimated on the first batch and held for the others.
     progress : bool
-        A progress bar over the fitting passes.
+        A progress bar over the frame batches (one batch: over the fitting passes).
 
     Returns
     -------
@@ -485,7 +491,7 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     >>> tracks.positions.shape[:2], sorted(tracks.calibration)
     ((6, 36), ['O', 'Sr', 'TiO'])
     """
-    from .fit import AtomFit, fit_atoms
+    from .fit import AtomFit
 
     f_n = int(getattr(stack, "shape", (0,))[0]) if len(getattr(stack, "shape", ())) == 3 else 0
     if f_n < 3:
@@ -518,13 +524,55 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
                          f"{species.shape}")
     if window is not None:
         window = check_int(window, "window", minimum=5)
-    per_frame = np.broadcast_to(start, (f_n, n, 2))
-    fit = fit_atoms(stack, per_frame, model=model, window=window, sigma=sigma,
-                    estimator=estimator, counts_per_unit=counts_per_unit, engine=engine,
-                    progress=progress, backend=backend).to_numpy()
+    fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
+                  backend=backend)
+    fit = _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw)
     gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
                  frame_z=frame_z, fail_fraction=fail_fraction, level=level)
     return _assess(fit, species, gates)
+
+
+def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
+    """One batched fit over all frames, or over frame batches read one at a time."""
+    import dataclasses
+
+    from .._inputs import is_frame_source
+    from .._progress import progress_bar
+    from ..backend import resolve_backend
+    from .fit import fit_atoms
+
+    f_n, n = int(stack.shape[0]), len(start)
+    lazy = is_frame_source(stack)
+    if batch_frames == "auto" and not lazy:
+        batch = f_n
+    else:
+        # ~256 B of fitting work space per frame pixel (windows, models, Jacobians).
+        batch = resolve_backend(fit_kw["backend"]).frames_per_batch(
+            tuple(stack.shape), 256, batch_size=batch_frames)
+    starts = range(0, f_n, batch)
+    if len(starts) == 1:
+        return fit_atoms(stack if not lazy else np.asarray(stack[:], dtype=np.float32),
+                         np.broadcast_to(start, (f_n, n, 2)), counts_per_unit=counts_per_unit,
+                         progress=progress, **fit_kw).to_numpy()
+    parts, gain = [], counts_per_unit
+    bar = progress_bar(progress, total=len(starts), desc=f"track {n} columns", unit="batch",
+                       leave=False)
+    for a in starts:  # frame batches: the memory bound of a stack larger than memory
+        b = min(f_n, a + batch)
+        frames = np.asarray(stack[a:b], dtype=np.float32) if lazy else stack[a:b]
+        part = fit_atoms(frames,
+                         np.broadcast_to(start, (b - a, n, 2)), counts_per_unit=gain,
+                         **fit_kw).to_numpy()
+        gain = part.counts_per_unit if gain is None else gain
+        parts.append(part)
+        bar.update(1)
+    bar.close()
+    lead = {"positions", "position_errors", "params", "param_errors", "covariance", "chi2",
+            "n_iter", "status", "width_fixed"}
+    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in lead}
+    params = {**parts[0].parameters, "batch_frames": int(batch),
+              "counts_per_unit_from_first_batch": counts_per_unit is None}
+    return dataclasses.replace(parts[0], parameters=params, **merged)
 
 
 def _assess(fit, species, gates) -> ColumnTracks:
