@@ -12,12 +12,12 @@ import os
 
 import numpy as np
 import pytest
+from host_build import build_host_library, find_nvcc, host_lm_fit
 from lm_windows import K
 from lm_windows import window_problem as _problem
 
 from stemgpu.atoms import models
 from stemgpu.atoms.lm import lm_fit
-from stemgpu.kernel_sources import build_host_library, find_nvcc, host_lm_fit
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
 
