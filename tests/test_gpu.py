@@ -52,9 +52,9 @@ def test_kernel_matches_host_build_bitwise_statuses():
     """Device and host builds of the same source agree (statuses exactly, positions 1e-6 px;
     nvcc contracts to FMA on the device, not on the host)."""
     import cupy as cp
+    from host_build import find_nvcc, host_lm_fit
 
     from stemgpu.atoms.cuda import lm_fit_kernel
-    from host_build import find_nvcc, host_lm_fit
 
     if find_nvcc() is None:
         pytest.skip("nvcc is not installed (host build unavailable)")
