@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lm_windows import K, window_problem
+from lm_windows import K, draw_seed, window_problem
 
 from stemgpu.atoms import models
 from stemgpu.atoms.lm import lm_fit
@@ -29,7 +29,7 @@ def test_kernel_matches_numpy_on_device(model, estimator, compute_dtype, tol):
 
     from stemgpu.atoms.cuda import lm_fit_kernel
 
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    seed = draw_seed()
     stack, f_idx, origins, wins, init = _problem(seed, model)
     ref = lm_fit(wins, origins.astype(np.float64), init, model=model, estimator=estimator,
                  xp=np)

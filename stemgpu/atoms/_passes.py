@@ -234,9 +234,9 @@ def steady_widths(nat, out, ok, sigma, error_scale, xp):
 
     A faint column's fitted width scatters by tens of percent at usual doses; drawn into its
     bright neighbours' windows, that scatter becomes extra position noise of the bright
-    columns (see ``benchmarks/RESULTS.md`` and the neighbour tests in ``tests/test_fit.py``).
-    Widths known to better than 5 % are kept: species whose columns really differ in width
-    keep theirs.
+    columns (measured: 1.11x / 1.13x the Cramér-Rao bound for Sr / Ti-O with free widths,
+    1.02x with the true neighbour parameters, 1.03x / 1.05x with this). Widths known to
+    better than 5 % are kept: species whose columns really differ in width keep theirs.
     """
     if not bool(ok.any()):
         return nat
@@ -284,10 +284,10 @@ def edge_peaks(cols, nat, ok, fitted):
     """Guessed peaks of columns too close to the image edge for a window, or None.
 
     Their flux reaches the windows of the next columns inwards; left out of the neighbour
-    model it pulls those columns outwards (O columns one cell from the edge of a noise-free
-    SrTiO3 image end up most of a pixel off without these peaks). Amplitude from the 3 x 3
-    mean at the given position minus the fitted peaks there (``fitted``, (F, H, W)) and the
-    median fitted background; width the median fitted width. Returns (params, frames).
+    model it pulls those columns outwards (measured on a noise-free SrTiO3 image: O columns
+    one cell from the edge 0.88 px off without these peaks). Amplitude from the 3 x 3 mean
+    at the given position minus the fitted peaks there (``fitted``, (F, H, W)) and the median
+    fitted background; width the median fitted width. Returns (params, frames).
     """
     xp, stack, pos, frames = cols.xp, cols.stack, cols.positions, cols.frames
     f_n, h, w = stack.shape

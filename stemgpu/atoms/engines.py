@@ -26,10 +26,10 @@ from .._checks import check_choice
 from .lm import LMOutput, lm_fit
 from .models import Model
 
-__all__ = ["ENGINES", "ArrayEngine", "FitEngine", "KernelEngine", "make_engine"]
+__all__ = ["AUTO", "ENGINES", "ArrayEngine", "FitEngine", "KernelEngine", "make_engine"]
 
-#: Values of ``fit_atoms(engine=...)``.
-ENGINES = ("auto", "array", "kernel")
+_BACKEND_TEXT = {"numpy": "the NumPy backend", "cupy": "the CuPy backend (a CUDA device)"}
+_BACKEND_NAME = {"numpy": "NumPy", "cupy": "CuPy"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class FitEngine:
     tol : float
         As in :func:`stemgpu.atoms.lm.lm_fit`.
     name : str (class attribute)
-        What ``AtomFit.parameters["engine"]`` records.
+        The engine's value of ``fit_atoms(engine=...)``, recorded in
+        ``AtomFit.parameters["engine"]``.
+    backends : tuple of str (class attribute)
+        Backends the engine runs on.
 
     Notes
     -----
@@ -64,8 +67,9 @@ class FitEngine:
 
                 return lm_fit(*args, **kwargs)
 
-    plus its name in :data:`ENGINES` and its choice rule in :func:`make_engine`. An engine
-    with its own calling convention overrides :meth:`fit` instead (see
+    (``backends = ("numpy",)`` for a host-only one) plus one entry in ``_ENGINE_CLASSES``
+    below, which makes it a value of :data:`ENGINES` and of ``fit_atoms(engine=...)``. An
+    engine with its own calling convention overrides :meth:`fit` instead (see
     :class:`KernelEngine`).
     """
 
@@ -75,6 +79,7 @@ class FitEngine:
     max_iter: int = 50
     tol: float = 1e-7
     name: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("numpy", "cupy")
 
     def fit(self, windows, origins, init, *, model: Model, gain=1.0, offset=None, fixed=None,
             frame_index=None) -> LMOutput:
@@ -142,6 +147,7 @@ class KernelEngine(FitEngine):
     """
 
     name: ClassVar[str] = "kernel"
+    backends: ClassVar[tuple[str, ...]] = ("cupy",)
 
     def fit(self, windows, origins, init, *, model, gain=1.0, offset=None, fixed=None,
             frame_index=None):
@@ -156,6 +162,14 @@ class KernelEngine(FitEngine):
                              max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset)
 
 
+#: The engines by name; ``"auto"`` picks :data:`AUTO` of the backend.
+_ENGINE_CLASSES = {cls.name: cls for cls in (ArrayEngine, KernelEngine)}
+#: Values of ``fit_atoms(engine=...)``.
+ENGINES = ("auto", *_ENGINE_CLASSES)
+#: ``engine="auto"``: the fused kernel on CuPy, the array code on NumPy.
+AUTO = {"numpy": "array", "cupy": "kernel"}
+
+
 def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
                 tol=1e-7) -> FitEngine:
     """The engine for ``fit_atoms(engine=...)`` on ``backend`` (see the module table).
@@ -163,7 +177,7 @@ def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
     Raises
     ------
     ValueError
-        An unknown ``engine``, or ``"kernel"`` on a backend without a CUDA device.
+        An unknown ``engine``, or one that does not run on ``backend``.
 
     Examples
     --------
@@ -174,11 +188,10 @@ def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
     'array'
     """
     check_choice(engine, "engine", ENGINES)
-    if engine == "kernel" and not backend.is_gpu:
-        raise ValueError(
-            "engine='kernel' needs the CuPy backend (a CUDA device); use engine='array' or "
-            "'auto' on NumPy"
-        )
-    cls = KernelEngine if backend.is_gpu and engine != "array" else ArrayEngine
+    cls = _ENGINE_CLASSES[AUTO[backend.name] if engine == "auto" else engine]
+    if backend.name not in cls.backends:
+        needs = " or ".join(_BACKEND_TEXT[b] for b in cls.backends)
+        raise ValueError(f"engine={engine!r} needs {needs}; use engine='array' or 'auto' on "
+                         f"{_BACKEND_NAME[backend.name]}")
     return cls(stack=stack, xp=backend.xp, estimator=estimator, max_iter=int(max_iter),
                tol=float(tol))
