@@ -166,8 +166,10 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     progress : bool
         A tqdm bar over the fitting passes (plain, neighbour passes, elliptical).
     engine : {"auto", "array", "kernel"}
-        ``"kernel"`` uses the CUDA kernel (CuPy backend only); ``"auto"`` uses it when it is
-        available on the CuPy backend, the array code otherwise.
+        The :mod:`~stemgpu.atoms.engines` every pass fits through. ``"kernel"`` uses the
+        CUDA kernel (CuPy backend only; its held-width refits run the array code, the kernel
+        having no held-parameter mask); ``"auto"`` uses it on the CuPy backend, the array
+        code otherwise.
     backend : {"numpy", "cupy", "auto"}, optional
 
     Returns
