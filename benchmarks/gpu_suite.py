@@ -57,12 +57,6 @@ def _windows(n, seed=0):
     return stack, f_idx, origins, init
 
 
-def _gather(stack, f_idx, origins, xp):
-    d = xp.arange(K)
-    return stack[f_idx[:, None, None], origins[:, 0, None, None] + d[None, :, None],
-                 origins[:, 1, None, None] + d[None, None, :]]
-
-
 def _time(fn, sync, repeat=3):
     fn()
     sync()
@@ -80,14 +74,15 @@ def _bench_size(n, cp, sync):
 
     from stemgpu.atoms.cuda import lm_fit_kernel
     from stemgpu.atoms.lm import lm_fit
+    from stemgpu.atoms.windows import extract_windows
 
     stack, f_idx, origins, init = _windows(n)
     sub = slice(0, min(n, NUMPY_SUBSET))
-    wins_np = _gather(stack, f_idx[sub], origins[sub], np)
+    wins_np = extract_windows(stack, f_idx[sub], origins[sub], K, np)
     t_np, ref = _time(partial(lm_fit, wins_np, origins[sub].astype(float), init[sub], xp=np),
                       lambda: None, repeat=1)
     d_stack, d_fi, d_org, d_init = (cp.asarray(a) for a in (stack, f_idx, origins, init))
-    d_wins = _gather(d_stack, d_fi, d_org, cp)
+    d_wins = extract_windows(d_stack, d_fi, d_org, K, cp)
     t_arr, out_arr = _time(partial(lm_fit, d_wins, d_org.astype(cp.float64), d_init, xp=cp,
                                    chunk=65536), sync, repeat=1)
     res = {"numpy": ((sub.stop - sub.start) / t_np, 0.0),

@@ -1,12 +1,13 @@
 // Host build of the kernel math (CI without a GPU): compiled with
-//   nvcc -x cu -shared -Xcompiler -fPIC -DSTEMGPU_HOST_BUILD host_api.cu
-// and loaded with ctypes by stemgpu.kernel_sources.build_host_library(). The very same
-// __host__ __device__ functions as lm_fit.cu, looped over fits on the CPU.
+//   nvcc -x cu -shared -Xcompiler -fPIC -DSTEMGPU_HOST_BUILD <unit>.cu
+// where <unit>.cu defines STEMGPU_MODEL_LIST from the Python registry and includes this file,
+// and loaded with ctypes by tests/host_build.py. The very same __host__ __device__ functions
+// as lm_fit.cu, looped over fits on the CPU. Every model table below is derived from the
+// model list and the structs themselves (nothing to edit here for a new model).
 #include "common.cuh"
 #include "window.cuh"
 #include "lm.cuh"
-#include "model_gaussian.cuh"
-#include "model_elliptical.cuh"
+#include "models.cuh"
 
 namespace {
 
@@ -43,34 +44,59 @@ int dispatch_dtype(int image_double, int compute_double, const void* image, int 
     return 0;
 }
 
-const char* const kModelNames[] = {"gaussian", "elliptical"};
-const char* const kParamNames[] = {
-    "amplitude,row,col,sigma,background",
-    "amplitude,row,col,sigma_1,sigma_2,angle,background",
+// The registry's model structs, in registry order (the model id is the position): the host
+// build (tests/host_build.py) defines STEMGPU_MODEL_LIST from stemgpu.atoms.models.MODELS.
+#ifndef STEMGPU_MODEL_LIST
+#error "define STEMGPU_MODEL_LIST (the registry's cuda_struct names, in order); see tests/host_build.py"
+#endif
+template <class... Ms>
+struct ModelList {
+    static constexpr int size = sizeof...(Ms);
 };
+using Models = ModelList<STEMGPU_MODEL_LIST>;
+
+template <class M>
+struct Tag {
+    using type = M;
+};
+
+// Calls f(Tag<M>{}) for the model at position id; false when there is none.
+template <class F, class... Ms>
+bool visit(int id, F&& f, ModelList<Ms...>) {
+    int i = 0;
+    bool found = false;
+    ((i++ == id ? (f(Tag<Ms>{}), found = true) : false), ...);
+    return found;
+}
 
 }  // namespace
 
 extern "C" {
 
-int stemgpu_model_count() { return 2; }
-const char* stemgpu_model_name(int id) { return (id >= 0 && id < 2) ? kModelNames[id] : ""; }
-const char* stemgpu_model_params(int id) { return (id >= 0 && id < 2) ? kParamNames[id] : ""; }
+int stemgpu_model_count() { return Models::size; }
+const char* stemgpu_model_name(int id) {
+    const char* out = "";
+    visit(id, [&](auto tag) { out = decltype(tag)::type::NAME; }, Models{});
+    return out;
+}
+const char* stemgpu_model_params(int id) {
+    const char* out = "";
+    visit(id, [&](auto tag) { out = decltype(tag)::type::PARAMS; }, Models{});
+    return out;
+}
 int stemgpu_model_nparams(int id) {
-    return id == stemgpu::Gaussian::ID ? stemgpu::Gaussian::P
-         : id == stemgpu::Elliptical::ID ? stemgpu::Elliptical::P : -1;
+    int out = -1;
+    visit(id, [&](auto tag) { out = decltype(tag)::type::P; }, Models{});
+    return out;
 }
 // Index layout of a model: amplitude, row, col, background, angle (-1), n_widths, width0, width1.
 void stemgpu_model_layout(int id, int* out) {
-    if (id == stemgpu::Gaussian::ID) {
-        using M = stemgpu::Gaussian;
-        int v[8] = {M::AMP, M::ROW, M::COL, M::BKG, M::ANGLE, M::NW, M::width(0), -1};
+    visit(id, [&](auto tag) {
+        using M = typename decltype(tag)::type;
+        int v[8] = {M::AMP, M::ROW, M::COL, M::BKG, M::ANGLE, M::NW, M::width(0),
+                    M::NW > 1 ? M::width(1) : -1};
         for (int i = 0; i < 8; ++i) out[i] = v[i];
-    } else {
-        using M = stemgpu::Elliptical;
-        int v[8] = {M::AMP, M::ROW, M::COL, M::BKG, M::ANGLE, M::NW, M::width(0), M::width(1)};
-        for (int i = 0; i < 8; ++i) out[i] = v[i];
-    }
+    }, Models{});
 }
 // Status codes in the order converged, max_iter, singular, out_of_bounds, diverged, flat,
 // invalid_input.
@@ -102,16 +128,16 @@ int stemgpu_host_lm_fit(int model, int estimator, int image_double, int compute_
     image_double, compute_double, image, n_frames, height, width, frame_index, origins,    \
         init, n_fits, k, gain, max_iter, tol, offset, params, errors, cov, chi2, n_iter,  \
         status
-    if (model == stemgpu::Gaussian::ID && estimator == stemgpu::EST_MLE)
-        return dispatch_dtype<stemgpu::Gaussian, stemgpu::EST_MLE>(SG_ARGS);
-    if (model == stemgpu::Gaussian::ID && estimator == stemgpu::EST_LSQ)
-        return dispatch_dtype<stemgpu::Gaussian, stemgpu::EST_LSQ>(SG_ARGS);
-    if (model == stemgpu::Elliptical::ID && estimator == stemgpu::EST_MLE)
-        return dispatch_dtype<stemgpu::Elliptical, stemgpu::EST_MLE>(SG_ARGS);
-    if (model == stemgpu::Elliptical::ID && estimator == stemgpu::EST_LSQ)
-        return dispatch_dtype<stemgpu::Elliptical, stemgpu::EST_LSQ>(SG_ARGS);
+    int rc = -1;
+    visit(model, [&](auto tag) {
+        using M = typename decltype(tag)::type;
+        if (estimator == stemgpu::EST_MLE)
+            rc = dispatch_dtype<M, stemgpu::EST_MLE>(SG_ARGS);
+        else if (estimator == stemgpu::EST_LSQ)
+            rc = dispatch_dtype<M, stemgpu::EST_LSQ>(SG_ARGS);
+    }, Models{});
 #undef SG_ARGS
-    return -1;
+    return rc;
 }
 
 }  // extern "C"

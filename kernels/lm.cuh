@@ -277,7 +277,7 @@ SG_HD void lm_fit_one(const FitData<TI, T>& fd, double orow, double ocol, const 
             A[a * P + b] = keep ? H[a * P + b] : ((a == b && drop[a]) ? 1.0 : 0.0);
             if (!keep) B[a * P + b] = 0.0;
         }
-    // inv = A^-1 column by column (as lm._inverse_spd).
+    // inv = A^-1 column by column (as lm.inverse_spd).
     double inv[P * P];
     bool ok = chol_factor<P>(A, L);
     for (int c = 0; c < P; ++c) {

@@ -3,7 +3,7 @@
 // Kernel: stemgpu::lm_fit_kernel<TI, T, M, EST>
 //   TI  image element type (float or double)
 //   T   per-pixel arithmetic type (float or double; sums and solves are always double)
-//   M   model struct (stemgpu::Gaussian, stemgpu::Elliptical)
+//   M   model struct (models.cuh; the registry's Model.cuda_struct)
 //   EST estimator (0 = Poisson MLE, 1 = Poisson-weighted least squares)
 // Parameters (device pointers, C-contiguous):
 //   image        (n_frames, height, width) TI   the stack; windows are read in place
@@ -22,8 +22,7 @@
 #include "common.cuh"
 #include "window.cuh"
 #include "lm.cuh"
-#include "model_gaussian.cuh"
-#include "model_elliptical.cuh"
+#include "models.cuh"
 
 namespace stemgpu {
 

@@ -13,9 +13,10 @@
 namespace stemgpu {
 
 struct Elliptical {
-    // STEMGPU_MODEL elliptical: amplitude, row, col, sigma_1, sigma_2, angle, background
+    // Registry name and natural parameter order (stemgpu/atoms/models.py, checked by tests).
+    static constexpr const char* NAME = "elliptical";
+    static constexpr const char* PARAMS = "amplitude,row,col,sigma_1,sigma_2,angle,background";
     static constexpr int P = 7;
-    static constexpr int ID = 1;
     static constexpr int AMP = 0;
     static constexpr int ROW = 1;
     static constexpr int COL = 2;

@@ -10,9 +10,10 @@
 namespace stemgpu {
 
 struct Gaussian {
-    // STEMGPU_MODEL gaussian: amplitude, row, col, sigma, background
+    // Registry name and natural parameter order (stemgpu/atoms/models.py, checked by tests).
+    static constexpr const char* NAME = "gaussian";
+    static constexpr const char* PARAMS = "amplitude,row,col,sigma,background";
     static constexpr int P = 5;
-    static constexpr int ID = 0;
     static constexpr int AMP = 0;
     static constexpr int ROW = 1;
     static constexpr int COL = 2;

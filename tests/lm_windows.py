@@ -4,11 +4,21 @@ only, so the GPU tests stay free of sidpy / pyNSID."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from stemgpu.atoms.windows import extract_windows
 from stemgpu.synthetic import simulate_stack
 
 K = 13  # window side; probe sigma 50 pm / 14.6 pm = 3.4 px
+
+
+def draw_seed() -> int:
+    """A fresh seed per run, or ``$STEMGPU_TEST_SEED`` to replay a failing draw (print the
+    seed in the failure message)."""
+    env = os.environ.get("STEMGPU_TEST_SEED")
+    return int(env) if env else int(np.random.SeedSequence().entropy % 2**32)
 
 
 def window_problem(seed, model="gaussian", *, dose=200.0, frames=2, size=96,
@@ -30,9 +40,7 @@ def window_problem(seed, model="gaussian", *, dose=200.0, frames=2, size=96,
     origins = np.rint(pos).astype(np.int64) - K // 2
     inside = ((origins >= 0) & (origins + K <= size)).all(axis=1)
     f_idx, pos, origins = f_idx[inside], pos[inside], origins[inside]
-    d = np.arange(K)
-    wins = stack[f_idx[:, None, None], origins[:, 0, None, None] + d[None, :, None],
-                 origins[:, 1, None, None] + d[None, None, :]]
+    wins = extract_windows(stack, f_idx, origins, K, np)
     lo = wins.min(axis=(1, 2))
     amp = wins.max(axis=(1, 2)) - lo
     start = pos + rng.uniform(-0.5, 0.5, pos.shape)

@@ -56,7 +56,7 @@ def test_fit_scatter_reaches_crlb_on_isolated_columns():
 @pytest.mark.parametrize("kwargs, match", [
     ({"params": np.zeros((2, 4))}, r"params must have shape \(N, 5\) for model 'gaussian'"),
     ({"counts_per_unit": 0.0}, r"counts_per_unit must be a positive number; got 0.0"),
-    ({"neighbours": "all"}, r"neighbours='all' is not known"),
+    ({"neighbours": "all"}, r"neighbours must be one of 'include', 'none'; got 'all'"),
     ({"neighbours": "include"}, r"neighbours='include' needs image_shape"),
 ])
 def test_crlb_errors(kwargs, match):

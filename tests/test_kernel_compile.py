@@ -12,9 +12,9 @@ import re
 import pytest
 
 from stemgpu.atoms import models
-from stemgpu.kernel_sources import (
+from stemgpu.atoms.cuda import (
+    ESTIMATOR_CODES,
     KERNEL_SOURCE,
-    MODEL_STRUCTS,
     kernel_dir,
     kernel_name,
     name_expressions,
@@ -83,12 +83,14 @@ def test_kernels_compile_with_nvrtc(arch, extra):
 
 
 def test_name_expressions_cover_registry():
-    assert set(MODEL_STRUCTS) == set(models.MODELS)
+    structs = {m.cuda_struct for m in models.MODELS.values()}
+    assert len(structs) == len(models.MODELS)
+    assert {n.split(", ")[2] for n in name_expressions()} == structs
     assert kernel_name("gaussian", "mle", "float32", "float32") == (
         "stemgpu::lm_fit_kernel<float, float, stemgpu::Gaussian, 0>")
     with pytest.raises(ValueError, match=r"model='lorentz' has no CUDA kernel; accepted"):
         kernel_name("lorentz", "mle", "float32", "float32")
-    with pytest.raises(ValueError, match=r"estimator='l1' is not known"):
+    with pytest.raises(ValueError, match=r"estimator must be one of 'mle', 'lsq'; got 'l1'"):
         kernel_name("gaussian", "l1", "float32", "float32")
     with pytest.raises(ValueError, match=r"dtypes \('float64', 'float32'\) are not"):
         kernel_name("gaussian", "mle", "float64", "float32")
@@ -100,9 +102,12 @@ def test_model_headers_match_registry():
         path = kernel_dir() / f"model_{name}.cuh"
         assert path.is_file(), f"missing {path.name}"
         text = path.read_text()
-        decl = re.search(r"STEMGPU_MODEL (\w+): ([\w, ]+)", text)
+        decl = re.search(r'NAME = "(\w+)";\s+static constexpr const char\* PARAMS = "([\w,]+)";',
+                         text)
         assert decl and decl.group(1) == name
         assert tuple(p.strip() for p in decl.group(2).split(",")) == mdl.param_names
+        assert re.search(rf"^struct {mdl.cuda_struct.split('::')[-1]} {{", text, re.M), name
+        assert f'#include "model_{name}.cuh"' in read_source("models.cuh")
         assert re.search(rf"static constexpr int P = {mdl.n_params};", text)
         for field, value in (("AMP", mdl.amplitude), ("ROW", mdl.position[0]),
                              ("COL", mdl.position[1]), ("BKG", mdl.background),
@@ -120,6 +125,13 @@ def test_status_codes_in_source_match_registry():
                        ("DIVERGED", models.DIVERGED), ("FLAT", models.FLAT),
                        ("INVALID_INPUT", models.INVALID_INPUT)):
         assert re.search(rf"ST_{name} = {code};", text), name
+
+
+def test_estimator_codes_in_source_match_registry():
+    text = read_source("common.cuh")
+    assert tuple(ESTIMATOR_CODES) == models.ESTIMATORS
+    for name, code in ESTIMATOR_CODES.items():
+        assert re.search(rf"EST_{name.upper()} = {code};", text), name
 
 
 def test_loader_options_are_the_tested_ones():

@@ -8,23 +8,17 @@ the failure message so a failing draw can be replayed (``STEMGPU_TEST_SEED=<seed
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from host_build import build_host_library, find_nvcc, host_lm_fit
 from lm_windows import K
+from lm_windows import draw_seed as _seed
 from lm_windows import window_problem as _problem
 
 from stemgpu.atoms import models
 from stemgpu.atoms.lm import lm_fit
-from stemgpu.kernel_sources import build_host_library, find_nvcc, host_lm_fit
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
-
-
-def _seed():
-    env = os.environ.get("STEMGPU_TEST_SEED")
-    return int(env) if env else int(np.random.SeedSequence().entropy % 2**32)
 
 
 def _compare(ref, got, pos_tol, seed, what, max_iter=50, exhausted_ok=False):

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from lm_windows import draw_seed
 
-from stemgpu.atoms.models import MODELS, get_model
+from stemgpu.atoms.models import MODELS, get_model, window_grid
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("k", [5, 11, 19])
 def test_grid_path_equals_general_path(name, k):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    seed = draw_seed()
     rng = np.random.default_rng(seed)
     mdl = get_model(name)
     t = rng.normal(size=(40, mdl.n_params))
     t[:, 0] += 5.0  # log amplitude in counts
     t[:, list(mdl.position)] = rng.uniform(-0.5, k - 0.5, size=(40, 2))
     t[:, list(mdl.widths)] = np.log(rng.uniform(0.5, k / 2, size=(40, len(mdl.widths))))
-    d = np.arange(k, dtype=float)
-    yy, xx = (g.ravel() for g in np.meshgrid(d, d, indexing="ij"))
+    yy, xx = window_grid(k, np)
     v_general = mdl.value(t, yy, xx, np)
     mu_general, jac_general = mdl.value_and_jacobian(t, yy, xx, np)
     v_grid = mdl.value_on_grid(t, k, np)
@@ -32,3 +32,11 @@ def test_grid_path_equals_general_path(name, k):
                                err_msg=f"seed {seed}")
     np.testing.assert_allclose(jac_grid, jac_general, rtol=1e-12, atol=1e-12 * scale,
                                err_msg=f"seed {seed}")
+
+
+def test_window_grid_is_the_row_major_pixel_grid():
+    yy, xx = window_grid(4, np)
+    rows, cols = np.indices((4, 4))
+    np.testing.assert_array_equal(yy, rows.ravel().astype(float))
+    np.testing.assert_array_equal(xx, cols.ravel().astype(float))
+    assert yy.dtype == xx.dtype == np.float64

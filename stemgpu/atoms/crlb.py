@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_choice
 from ..backend import resolve_backend
-from .lm import _inverse_spd
-from .models import get_model
-from .windows import default_window, extract_windows, render_peaks, window_origins
+from .lm import inverse_spd
+from .models import get_model, window_grid
+from .windows import default_window, extract_windows, render_peaks, render_radius, window_origins
 
 __all__ = ["crlb"]
 
@@ -65,8 +66,7 @@ def crlb(params, *, model="gaussian", window=None, counts_per_unit=1.0, image_sh
         )
     if not (np.isfinite(counts_per_unit) and counts_per_unit > 0):
         raise ValueError(f"counts_per_unit must be a positive number; got {counts_per_unit!r}")
-    if neighbours not in ("include", "none"):
-        raise ValueError(f"neighbours={neighbours!r} is not known; accepted: 'include', 'none'")
+    check_choice(neighbours, "neighbours", ("include", "none"))
     widths = p[:, list(mdl.widths)]
     k = default_window(float(xp.median(widths))) if window is None else int(window)
     pos = p[:, list(mdl.position)]
@@ -78,21 +78,20 @@ def crlb(params, *, model="gaussian", window=None, counts_per_unit=1.0, image_sh
         h, w = (int(s) for s in image_shape)
         origins, _ = window_origins(pos, k, (h, w), xp)
         frames = xp.zeros(p.shape[0], dtype=xp.int64)
-        radius = int(max(k // 2, np.ceil(4.0 * float(widths.max()))))
+        radius = render_radius(k, float(widths.max()))
         full = render_peaks(mdl, p, frames, (1, h, w), radius, xp)
         offset = extract_windows(full, frames, origins, k, xp).reshape(-1, k * k)
     org = origins.astype(xp.float64)
     gain = float(counts_per_unit)
     t = mdl.to_internal(p, org, gain, xp)
-    d = xp.arange(k, dtype=xp.float64)
-    yy, xx = (g.ravel() for g in xp.meshgrid(d, d, indexing="ij"))
+    yy, xx = window_grid(k, xp)
     mu, jac = mdl.value_and_jacobian(t, yy, xx, xp)
     if offset is not None:
         t0 = t.copy()
         t0[:, mdl.background] = 0.0
         mu = mu + offset * gain - mdl.value(t0, yy, xx, xp)  # others only: own peak is in mu
     fisher = xp.einsum("mnp,mnq->mpq", jac, jac / mu[:, :, None])
-    inv, ok = _inverse_spd(fisher, xp)
+    inv, ok = inverse_spd(fisher, xp)
     tr = mdl.natural_derivative(t, gain, xp)
     var = xp.diagonal(inv, axis1=1, axis2=2) * tr * tr
     return xp.where(ok[:, None], xp.sqrt(var), xp.inf)

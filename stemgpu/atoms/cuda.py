@@ -1,43 +1,179 @@
-"""The fused CUDA Levenberg-Marquardt kernel (CuPy ``RawModule``), one thread per fit.
+"""The CUDA path of the fitting: kernel sources, NVRTC options and names, loader, launch.
+
+This module is the one home of the fused CUDA Levenberg-Marquardt kernel (CuPy
+``RawModule``, one thread per fit):
+
+- **sources**: :func:`kernel_dir`, :func:`read_source`, :func:`sources_digest`. The ``.cu`` /
+  ``.cuh`` files stay in the repository's top-level ``kernels/`` folder (installed as the
+  package ``stemgpu.kernels`` by ``pyproject.toml``);
+- **compilation**: :func:`nvrtc_options`, :func:`kernel_name`, :func:`name_expressions`, the
+  same definitions the CI NVRTC test compiles, so what CI compiles is what users run;
+- **loader**: :func:`get_module` (compiled on first use, per device and specialisation);
+- **launch**: :func:`lm_fit_kernel`.
 
 The kernel (``kernels/lm_fit.cu`` and its headers) reproduces the algorithm specified in
 :mod:`stemgpu.atoms.lm` step for step, reading each window straight from the image on the
 device (no (N, k, k) copy) and returning the same :class:`~stemgpu.atoms.lm.LMOutput`
 (natural parameters, errors, covariance, objective, iterations, status codes of
-:mod:`stemgpu.atoms.models`). Compile options and kernel names come from
-:mod:`stemgpu.kernel_sources`, the same definitions the CI NVRTC test compiles.
+:mod:`stemgpu.atoms.models`). The models come from the one registry
+(:data:`stemgpu.atoms.models.MODELS`, field ``cuda_struct``) and the estimators from
+:data:`stemgpu.atoms.models.ESTIMATORS`.
 
 CuPy is only reached through :func:`stemgpu.backend.resolve_backend`; importing this module
-does not import CuPy.
+does not import CuPy. The CPU build of the same sources for the tests lives in
+``tests/host_build.py``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_choice
 from ..backend import resolve_backend
-from ..kernel_sources import _sources_digest, kernel_name, nvrtc_options, read_source
 from .lm import LMOutput
-from .models import get_model
+from .models import ESTIMATORS, MODELS, check_estimator, get_model
 
-__all__ = ["get_module", "lm_fit_kernel"]
+__all__ = [
+    "BLOCK",
+    "DTYPE_PAIRS",
+    "ESTIMATOR_CODES",
+    "KERNEL_SOURCE",
+    "get_module",
+    "kernel_dir",
+    "kernel_name",
+    "lm_fit_kernel",
+    "name_expressions",
+    "nvrtc_options",
+    "read_source",
+    "sources_digest",
+]
 
+#: The file holding the ``__global__`` kernels (it includes the ``.cuh`` headers).
+KERNEL_SOURCE = "lm_fit.cu"
+#: Estimator name -> template value of ``EST`` (its position in ``models.ESTIMATORS``).
+ESTIMATOR_CODES = {name: code for code, name in enumerate(ESTIMATORS)}
+#: (image dtype, compute dtype) pairs instantiated: float32 images may be fitted in float32
+#: or float64 arithmetic; float64 images in float64.
+DTYPE_PAIRS = (("float32", "float32"), ("float32", "float64"), ("float64", "float64"))
+_CTYPE = {"float32": "float", "float64": "double"}
 #: Threads per block (one fit per thread; any multiple of 32 works).
 BLOCK = 128
 
 
+def kernel_dir() -> Path:
+    """Directory holding the ``.cu`` / ``.cuh`` sources (source checkout or installed wheel).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import kernel_dir
+    >>> (kernel_dir() / "lm_fit.cu").is_file()
+    True
+    """
+    checkout = Path(__file__).resolve().parents[2] / "kernels"
+    if (checkout / KERNEL_SOURCE).is_file():
+        return checkout
+    import importlib.util
+
+    spec = importlib.util.find_spec("stemgpu.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if (Path(loc) / KERNEL_SOURCE).is_file():
+                return Path(loc)
+    raise FileNotFoundError(
+        f"stemgpu CUDA sources ({KERNEL_SOURCE}) not found in {checkout} nor in the installed "
+        "package stemgpu.kernels; reinstall stemgpu"
+    )
+
+
+def read_source(name: str = KERNEL_SOURCE) -> str:
+    """Text of one kernel source file (from :func:`kernel_dir`).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import read_source
+    >>> "lm_fit_kernel" in read_source()
+    True
+    """
+    return (kernel_dir() / name).read_text()
+
+
+def sources_digest() -> str:
+    """Short hash of every ``.cu*`` source (names and bytes): changes with any header edit.
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import sources_digest
+    >>> len(sources_digest())
+    16
+    """
+    h = hashlib.sha256()
+    for p in sorted(kernel_dir().glob("*.cu*")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """NVRTC options the runtime loader passes (the architecture is added by CuPy / the test).
+
+    ``-I`` lets ``lm_fit.cu`` include its headers from :func:`kernel_dir`; no fast-math, since
+    the LM tests (``sg_finite``, convergence thresholds) rely on IEEE semantics.
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import nvrtc_options
+    >>> nvrtc_options()[0]
+    '--std=c++17'
+    """
+    return ("--std=c++17", f"-I{kernel_dir()}")
+
+
+def kernel_name(model: str, estimator: str, image_dtype: str, compute_dtype: str) -> str:
+    """Name expression of one specialisation.
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import kernel_name
+    >>> kernel_name("gaussian", "mle", "float32", "float32")
+    'stemgpu::lm_fit_kernel<float, float, stemgpu::Gaussian, 0>'
+    """
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} has no CUDA kernel; accepted: "
+                         + ", ".join(repr(m) for m in MODELS))
+    check_estimator(estimator)
+    if (image_dtype, compute_dtype) not in DTYPE_PAIRS:
+        raise ValueError(f"(image, compute) dtypes {(image_dtype, compute_dtype)!r} are not "
+                         f"instantiated; accepted: {DTYPE_PAIRS!r}")
+    return (f"stemgpu::lm_fit_kernel<{_CTYPE[image_dtype]}, {_CTYPE[compute_dtype]}, "
+            f"{MODELS[model].cuda_struct}, {ESTIMATOR_CODES[estimator]}>")
+
+
+def name_expressions() -> tuple[str, ...]:
+    """Every specialisation the loader instantiates (models x estimators x dtype pairs).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import name_expressions
+    >>> len(name_expressions())
+    12
+    """
+    return tuple(kernel_name(m, e, i, c) for m in MODELS for e in ESTIMATORS
+                 for i, c in DTYPE_PAIRS)
+
+
 @functools.cache
 def _module_for(device_id: int, name: str):
-    be = resolve_backend("cupy")
-    cp = be.xp
+    cp = resolve_backend("cupy").xp
     with cp.cuda.Device(device_id):
         # CuPy's kernel cache keys on the code string, not on the included headers: a digest
         # of all sources in a trailing comment makes header edits recompile. One module per
         # specialisation: a process compiles only what it launches (CuPy 13 does not reuse
         # its disk cache for modules built with name expressions).
-        code = read_source() + f"\n// stemgpu kernel sources {_sources_digest()}\n"
+        code = read_source() + f"\n// stemgpu kernel sources {sources_digest()}\n"
         mod = cp.RawModule(code=code, options=nvrtc_options(), name_expressions=(name,))
         mod.compile()
     return mod
@@ -47,9 +183,9 @@ def get_module(model: str = "gaussian", estimator: str = "mle", image_dtype: str
                compute_dtype: str = "float64"):
     """The compiled ``RawModule`` of one kernel specialisation for the current CUDA device.
 
-    Compiled on first use, once per device and specialisation (see
-    :func:`stemgpu.kernel_sources.kernel_name` for the accepted combinations); call it ahead
-    of a timed or synchronisation-checked launch to keep the compilation out of it.
+    Compiled on first use, once per device and specialisation (see :func:`kernel_name` for
+    the accepted combinations); call it ahead of a timed or synchronisation-checked launch to
+    keep the compilation out of it.
     """
     cp = resolve_backend("cupy").xp
     name = kernel_name(get_model(model).name, estimator, image_dtype, compute_dtype)
@@ -115,11 +251,8 @@ def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="
     be = resolve_backend("cupy")
     cp = be.xp
     mdl = get_model(model)
-    if estimator not in ("mle", "lsq"):
-        raise ValueError(f"estimator={estimator!r} is not known; accepted: 'mle', 'lsq'")
-    if compute_dtype not in ("float32", "float64"):
-        raise ValueError(f"compute_dtype={compute_dtype!r} is not accepted; use 'float32' or "
-                         "'float64'")
+    check_estimator(estimator)
+    check_choice(compute_dtype, "compute_dtype", ("float32", "float64"))
     stack = cp.asarray(image_or_stack)
     if stack.ndim == 2:
         stack = stack[None]

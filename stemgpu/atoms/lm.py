@@ -56,6 +56,7 @@ fits that stopped are frozen by masks, so results are independent of batch compo
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,10 +69,12 @@ from .models import (
     OUT_OF_BOUNDS,
     SIGMA_MIN,
     SINGULAR,
+    check_estimator,
     get_model,
 )
 
-__all__ = ["LMOutput", "lm_fit", "LAMBDA0", "LAMBDA_MIN", "LAMBDA_MAX", "DAMPING_FLOOR"]
+__all__ = ["LMOutput", "inverse_spd", "lm_fit", "LAMBDA0", "LAMBDA_UP", "LAMBDA_DOWN",
+           "LAMBDA_MIN", "LAMBDA_MAX", "DAMPING_FLOOR", "FISHER_FLOOR"]
 
 LAMBDA0 = 1e-3
 LAMBDA_UP = 10.0
@@ -80,6 +83,9 @@ LAMBDA_MIN = 1e-7
 LAMBDA_MAX = 1e10
 DAMPING_FLOOR = 1e-9
 FISHER_FLOOR = 1e-12
+#: Trial bounds of step 3 on the internal (log) scale.
+_LOG_SIGMA_MIN = math.log(SIGMA_MIN)
+_LOG_AMP_MIN = math.log(AMPLITUDE_MIN_COUNTS)
 
 
 class LMOutput(NamedTuple):
@@ -115,8 +121,20 @@ def _cholesky_solve(a, b, xp):
     return x, ok
 
 
-def _inverse_spd(a, xp):
-    """Batched inverse of SPD matrices by Cholesky solves against the identity columns."""
+def inverse_spd(a, xp):
+    """Batched inverse of symmetric positive definite matrices (m, P, P) and an ok mask (m,).
+
+    Cholesky solves against the identity columns, unpivoted, in the order the kernel uses
+    (``kernels/lm.cuh``); a matrix whose factorisation fails has ``ok`` False.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.atoms.lm import inverse_spd
+    >>> inv, ok = inverse_spd(np.array([[[4.0, 0.0], [0.0, 0.25]], [[1.0, 2.0], [2.0, 1.0]]]), np)
+    >>> inv[0].tolist(), ok.tolist()
+    ([[0.25, 0.0], [0.0, 4.0]], [True, False])
+    """
     m, p, _ = a.shape
     inv = xp.zeros_like(a)
     ok = xp.ones(m, dtype=bool)
@@ -180,9 +198,6 @@ def _valid(t, model, k, xp):
     return ok
 
 
-_LOG_SIGMA_MIN = float(__import__("math").log(SIGMA_MIN))
-_LOG_AMP_MIN = float(__import__("math").log(AMPLITUDE_MIN_COUNTS))
-
 
 def _fix(g, h, fixed, xp):
     """Remove fixed parameters from the normal equations: zero gradient, identity rows."""
@@ -196,7 +211,8 @@ def _fix(g, h, fixed, xp):
 
 
 def _lm_chunk(d, off, t, model, estimator, max_iter, tol, k, xp, fixed=None):
-    """Run the specified LM on one chunk; returns internal t, F, n_iter, status."""
+    """Run the specified LM on one chunk; returns internal t, F, n_iter, status and the LSQ
+    weights ``w`` (None for MLE)."""
     m = d.shape[0]
     w = 1.0 / xp.maximum(d, 1.0) if estimator == "lsq" else None
     dpos, dinv = _data_terms(d, xp) if estimator == "mle" else (None, None)
@@ -301,8 +317,7 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
     if xp is None:
         import numpy as xp  # noqa: N813
     mdl = get_model(model)
-    if estimator not in ("mle", "lsq"):
-        raise ValueError(f"estimator={estimator!r} is not known; accepted: 'mle', 'lsq'")
+    check_estimator(estimator)
     if chunk is None:
         chunk = 1024 if xp is np else 16384
     windows = xp.asarray(windows)
@@ -344,7 +359,7 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
         keep2 = (~drop[:, :, None]) & (~drop[:, None, :])
         fis = xp.where(keep2, fisher, 0.0) + eye * drop[:, :, None]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            inv, ok = _inverse_spd(fis, xp)
+            inv, ok = inverse_spd(fis, xp)
         if estimator == "lsq":
             b = _jtwj(jac, w * w * mu_safe)
             b = xp.where(keep2, b, 0.0)

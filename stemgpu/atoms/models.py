@@ -50,9 +50,12 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice
+
 __all__ = [
     "CONVERGED",
     "DIVERGED",
+    "ESTIMATORS",
     "FLAT",
     "INVALID_INPUT",
     "MAX_ITER",
@@ -61,8 +64,27 @@ __all__ = [
     "SINGULAR",
     "STATUS_NAMES",
     "Model",
+    "check_estimator",
     "get_model",
+    "window_grid",
 ]
+
+#: Objectives every fitting engine implements (see :mod:`stemgpu.atoms.lm`): Poisson
+#: maximum likelihood (deviance) and Poisson-weighted least squares. The CUDA kernel's
+#: template codes are these names' positions (:data:`stemgpu.atoms.cuda.ESTIMATOR_CODES`).
+ESTIMATORS = ("mle", "lsq")
+
+
+def check_estimator(estimator):
+    """``estimator`` if it is one of :data:`ESTIMATORS`, else a ``ValueError``.
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.models import check_estimator
+    >>> check_estimator("lsq")
+    'lsq'
+    """
+    return check_choice(estimator, "estimator", ESTIMATORS)
 
 #: The fit met the convergence test (see :mod:`stemgpu.atoms.lm`).
 CONVERGED = 0
@@ -200,8 +222,18 @@ def elliptical_jacobian(t, yy, xx, xp):
     return g + t[:, 6:7], jac.transpose(0, 2, 1)
 
 
-def _grid(k, xp):
-    """Flattened row-major coordinates (yy, xx) of a k x k window."""
+def window_grid(k, xp):
+    """Flattened row-major float64 coordinates ``(yy, xx)`` (each ``(k*k,)``) of a k x k
+    window: the pixel grid every model is evaluated on.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.atoms.models import window_grid
+    >>> yy, xx = window_grid(2, np)
+    >>> yy.tolist(), xx.tolist()
+    ([0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0])
+    """
     d = xp.arange(k, dtype=xp.float64)
     yy, xx = xp.meshgrid(d, d, indexing="ij")
     return yy.ravel(), xx.ravel()
@@ -228,6 +260,11 @@ class Model:
         Indices of the widths.
     angle : int or None
         Index of the rotation angle.
+    amplitude, background : int
+        Indices of the amplitude and the background.
+    cuda_struct : str
+        C++ struct of the model in ``kernels/model_<name>.cuh``: the CUDA kernel's template
+        argument and an entry of the host build's model list.
     """
 
     name: str
@@ -240,6 +277,7 @@ class Model:
     angle: int | None
     amplitude: int
     background: int
+    cuda_struct: str
     _value: Any
     _value_and_jacobian: Any
     _grid_value: Any = None
@@ -262,14 +300,14 @@ class Model:
         is separable; the values equal :meth:`value` on that grid)."""
         if self._grid_value is not None:
             return self._grid_value(internal, k, xp)
-        yy, xx = _grid(k, xp)
+        yy, xx = window_grid(k, xp)
         return self._value(internal, yy, xx, xp)
 
     def value_and_jacobian_on_grid(self, internal, k, xp):
         """Model (m, k*k) and Jacobian (m, k*k, P) on the row-major k x k window grid."""
         if self._grid_value_and_jacobian is not None:
             return self._grid_value_and_jacobian(internal, k, xp)
-        yy, xx = _grid(k, xp)
+        yy, xx = window_grid(k, xp)
         return self._value_and_jacobian(internal, yy, xx, xp)
 
     def to_internal(self, natural, origins, gain, xp):
@@ -317,6 +355,7 @@ MODELS: dict[str, Model] = {
         angle=None,
         amplitude=0,
         background=4,
+        cuda_struct="stemgpu::Gaussian",
         _value=_gauss_value,
         _value_and_jacobian=gaussian_jacobian,
         _grid_value=_gauss_grid_value,
@@ -334,6 +373,7 @@ MODELS: dict[str, Model] = {
         angle=5,
         amplitude=0,
         background=6,
+        cuda_struct="stemgpu::Elliptical",
         _value=_ell_value,
         _value_and_jacobian=elliptical_jacobian,
     ),
@@ -362,7 +402,7 @@ def get_model(model: str | Model) -> Model:
 def _self_check() -> float:  # pragma: no cover - developer aid
     """Max relative error of the analytic Jacobians against central differences."""
     rng = np.random.default_rng(0)
-    yy, xx = (g.ravel().astype(float) for g in np.mgrid[0:9, 0:9])
+    yy, xx = window_grid(9, np)
     worst = 0.0
     for m in MODELS.values():
         t = np.array([[np.log(50.0), 4.2, 3.9, np.log(1.8), 0.4, 0.3, 5.0][: m.n_params]])

@@ -1,17 +1,43 @@
-"""Window extraction and model rendering for batched atom fitting (private helpers)."""
+"""Window extraction and model rendering for batched atom fitting.
+
+The one window gather (:func:`extract_windows`), window placement (:func:`window_origins`),
+default window size and peak-rendering radius used by :mod:`.fit`, :mod:`.crlb`, the tests
+and the benchmarks. The k x k pixel grid itself is :func:`stemgpu.atoms.models.window_grid`.
+"""
 
 from __future__ import annotations
 
 import math
 
-from .models import INVALID_INPUT, OUT_OF_BOUNDS
+from .models import INVALID_INPUT, OUT_OF_BOUNDS, window_grid
 
-__all__ = ["default_window", "extract_windows", "render_peaks", "window_origins"]
+__all__ = ["default_window", "extract_windows", "render_peaks", "render_radius",
+           "window_origins"]
 
 
 def default_window(sigma: float) -> int:
-    """Odd window size covering +-2.5 sigma of a column (at least 5 px)."""
+    """Odd window size covering +-2.5 sigma of a column (at least 5 px).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.windows import default_window
+    >>> default_window(3.4)
+    19
+    """
     return max(5, 2 * math.ceil(2.5 * float(sigma)) + 1)
+
+
+def render_radius(k: int, sigma_max: float) -> int:
+    """Half-size of the patch each neighbouring peak is rendered on: +-4 of the widest width,
+    at least half the window (so a neighbour's flank reaches every pixel of a window).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.windows import render_radius
+    >>> render_radius(19, 3.4), render_radius(19, 1.0)
+    (14, 9)
+    """
+    return int(max(k // 2, math.ceil(4.0 * float(sigma_max))))
 
 
 def window_origins(positions, k, shape, xp):
@@ -38,7 +64,19 @@ def window_origins(positions, k, shape, xp):
 
 
 def extract_windows(stack, frames, origins, k, xp):
-    """Gather (M, k, k) windows from ``stack`` (F, H, W) at frame indices and origins."""
+    """Gather (M, k, k) windows from ``stack`` (F, H, W) at frame indices and origins.
+
+    ``frames`` (M,) and integer ``origins`` (M, 2) (each window's ``[0, 0]`` pixel) must keep
+    the windows inside the stack (see :func:`window_origins`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.atoms.windows import extract_windows
+    >>> stack = np.arange(2 * 4 * 4).reshape(2, 4, 4)
+    >>> extract_windows(stack, np.array([1]), np.array([[1, 2]]), 2, np)[0].tolist()
+    [[22, 23], [26, 27]]
+    """
     d = xp.arange(k)
     rows = origins[:, 0, None, None] + d[None, :, None]
     cols = origins[:, 1, None, None] + d[None, None, :]
@@ -57,9 +95,7 @@ def render_peaks(model, natural, frames, shape, radius, xp, chunk=4096):
     good = xp.isfinite(natural).all(axis=1)
     nat = natural[good]
     frm = frames[good]
-    size = 2 * radius + 1
-    d = xp.arange(size, dtype=xp.float64)
-    yy, xx = (g.ravel() for g in xp.meshgrid(d, d, indexing="ij"))
+    yy, xx = window_grid(2 * radius + 1, xp)
     for s in range(0, nat.shape[0], chunk):
         p = nat[s:s + chunk].astype(xp.float64)
         org = xp.rint(p[:, list(model.position)]) - radius

@@ -1,0 +1,197 @@
+"""Fitting engines: the one object every pass of :func:`stemgpu.fit_atoms` fits through.
+
+An engine runs the batched Levenberg-Marquardt specified in :mod:`stemgpu.atoms.lm` on a set
+of windows and returns its :class:`~stemgpu.atoms.lm.LMOutput`. It is built once per call of
+``fit_atoms`` with the options every pass shares (the data, estimator, iteration limit,
+tolerance); the passes (plain fit, neighbour refits, held-width refits, elliptical fit) then
+only say *what* to fit.
+
+============  =================================================  =========================
+engine        implementation                                     backends
+============  =================================================  =========================
+``array``     :func:`stemgpu.atoms.lm.lm_fit` (NumPy / CuPy)      numpy, cupy
+``kernel``    :func:`stemgpu.atoms.cuda.lm_fit_kernel` (fused)   cupy
+============  =================================================  =========================
+
+``engine="auto"`` (the default of ``fit_atoms``) is the kernel on CuPy, the array code
+otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .._checks import check_choice
+from .lm import LMOutput, lm_fit
+from .models import Model
+
+__all__ = ["AUTO", "ENGINES", "ArrayEngine", "FitEngine", "KernelEngine", "make_engine"]
+
+_BACKEND_TEXT = {"numpy": "the NumPy backend", "cupy": "the CuPy backend (a CUDA device)"}
+_BACKEND_NAME = {"numpy": "NumPy", "cupy": "CuPy"}
+
+
+@dataclass(frozen=True)
+class FitEngine:
+    """Interface of a fitting engine (subclasses implement :meth:`fit`).
+
+    Attributes
+    ----------
+    stack : (F, H, W) array
+        The data on the backend (engines that read windows in place use it).
+    xp : module
+        Array namespace of ``stack`` (numpy or cupy).
+    estimator : {"mle", "lsq"}
+    max_iter : int
+    tol : float
+        As in :func:`stemgpu.atoms.lm.lm_fit`.
+    name : str (class attribute)
+        The engine's value of ``fit_atoms(engine=...)``, recorded in
+        ``AtomFit.parameters["engine"]``.
+    backends : tuple of str (class attribute)
+        Backends the engine runs on.
+
+    Notes
+    -----
+    Adding an engine is one small class. A CPU-compiled engine whose ``lm_fit`` has the
+    signature of :func:`stemgpu.atoms.lm.lm_fit` (e.g. ``stemgpu/atoms/_compiled.py``) is an
+    :class:`ArrayEngine` with another solver::
+
+        class CompiledEngine(ArrayEngine):
+            name = "compiled"
+
+            @staticmethod
+            def solver(*args, **kwargs):
+                from ._compiled import lm_fit
+
+                return lm_fit(*args, **kwargs)
+
+    (``backends = ("numpy",)`` for a host-only one) plus one entry in ``_ENGINE_CLASSES``
+    below, which makes it a value of :data:`ENGINES` and of ``fit_atoms(engine=...)``. An
+    engine with its own calling convention overrides :meth:`fit` instead (see
+    :class:`KernelEngine`).
+    """
+
+    stack: Any
+    xp: Any
+    estimator: str = "mle"
+    max_iter: int = 50
+    tol: float = 1e-7
+    name: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("numpy", "cupy")
+
+    def fit(self, windows, origins, init, *, model: Model, gain=1.0, offset=None, fixed=None,
+            frame_index=None) -> LMOutput:
+        """Fit ``model`` to every window.
+
+        Parameters
+        ----------
+        windows : (M, k, k) array
+            The windows, gathered from ``stack`` at ``frame_index`` and ``origins``.
+        origins : (M, 2) array
+            Image (row, col) of each window's ``[0, 0]`` pixel (integer-valued).
+        init : (M, P) array
+            Natural initial parameters.
+        model : Model
+        gain : float
+            Counts per data unit.
+        offset : (M, k, k) array, optional
+            Known additive model part in data units (fitted neighbouring columns).
+        fixed : (M, P) bool array, optional
+            Parameters held at their initial value.
+        frame_index : (M,) int array, optional
+            Frame of each window in ``stack`` (for engines that read the stack in place).
+
+        Returns
+        -------
+        LMOutput
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ArrayEngine(FitEngine):
+    """The array LM of :mod:`stemgpu.atoms.lm` on NumPy or CuPy (fits the given windows).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.atoms.engines import ArrayEngine
+    >>> from stemgpu.atoms.models import get_model
+    >>> yy, xx = np.mgrid[0:11, 0:11]
+    >>> win = (100 * np.exp(-((yy - 5.3) ** 2 + (xx - 4.8) ** 2) / 8.0) + 10)[None]
+    >>> engine = ArrayEngine(stack=win, xp=np)
+    >>> out = engine.fit(win, np.zeros((1, 2)), np.array([[90.0, 5, 5, 1.8, 8]]),
+    ...                  model=get_model("gaussian"))
+    >>> np.round(out.params[0, 1:3], 3).tolist(), int(out.status[0])
+    ([5.3, 4.8], 0)
+    """
+
+    name: ClassVar[str] = "array"
+    solver: ClassVar[Any] = staticmethod(lm_fit)
+
+    def fit(self, windows, origins, init, *, model, gain=1.0, offset=None, fixed=None,
+            frame_index=None):
+        return self.solver(windows, origins, init, model=model, estimator=self.estimator,
+                           max_iter=self.max_iter, tol=self.tol, gain=gain, xp=self.xp,
+                           offset=offset, fixed=fixed)
+
+
+@dataclass(frozen=True)
+class KernelEngine(FitEngine):
+    """The fused CUDA kernel (CuPy only), reading each window in place from ``stack``.
+
+    The kernel has no held-parameter mask: fits with ``fixed`` (the held-width refits of
+    ``fit_atoms``) run the array code of :class:`ArrayEngine` on the same device.
+    """
+
+    name: ClassVar[str] = "kernel"
+    backends: ClassVar[tuple[str, ...]] = ("cupy",)
+
+    def fit(self, windows, origins, init, *, model, gain=1.0, offset=None, fixed=None,
+            frame_index=None):
+        if fixed is not None:
+            return ArrayEngine(self.stack, self.xp, self.estimator, self.max_iter,
+                               self.tol).fit(windows, origins, init, model=model, gain=gain,
+                                             offset=offset, fixed=fixed)
+        from .cuda import lm_fit_kernel
+
+        return lm_fit_kernel(self.stack, frame_index, origins, init, window=windows.shape[1],
+                             model=model.name, estimator=self.estimator,
+                             max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset)
+
+
+#: The engines by name; ``"auto"`` picks :data:`AUTO` of the backend.
+_ENGINE_CLASSES = {cls.name: cls for cls in (ArrayEngine, KernelEngine)}
+#: Values of ``fit_atoms(engine=...)``.
+ENGINES = ("auto", *_ENGINE_CLASSES)
+#: ``engine="auto"``: the fused kernel on CuPy, the array code on NumPy.
+AUTO = {"numpy": "array", "cupy": "kernel"}
+
+
+def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
+                tol=1e-7) -> FitEngine:
+    """The engine for ``fit_atoms(engine=...)`` on ``backend`` (see the module table).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``engine``, or one that does not run on ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.atoms.engines import make_engine
+    >>> from stemgpu.backend import resolve_backend
+    >>> make_engine("auto", resolve_backend("numpy"), np.zeros((1, 8, 8))).name
+    'array'
+    """
+    check_choice(engine, "engine", ENGINES)
+    cls = _ENGINE_CLASSES[AUTO[backend.name] if engine == "auto" else engine]
+    if backend.name not in cls.backends:
+        needs = " or ".join(_BACKEND_TEXT[b] for b in cls.backends)
+        raise ValueError(f"engine={engine!r} needs {needs}; use engine='array' or 'auto' on "
+                         f"{_BACKEND_NAME[backend.name]}")
+    return cls(stack=stack, xp=backend.xp, estimator=estimator, max_iter=int(max_iter),
+               tol=float(tol))
