@@ -30,6 +30,8 @@ _HOST_OK = {
     "get_default_memory_pool", "get_default_pinned_memory_pool", "show_config",
     "is_available", "fftfreq", "rfftfreq",
 }
+#: Classes CuPy takes from NumPy (dtype information, not arrays).
+_HOST_CLASSES = {"finfo", "iinfo", "dtype", "errstate"}
 #: Functions whose NumPy model returns a Python bool where CuPy returns a 0-d array.
 _BOOL_ARRAY = {"allclose", "array_equal", "array_equiv"}
 
@@ -109,7 +111,8 @@ def _build(module: str, name: str, entry: dict):
     if kind == "function" and host is not None and callable(host):
         return device_function(qual, host, entry.get("params"), host_ok=name in _HOST_OK,
                                bool_array=name in _BOOL_ARRAY)
-    if kind == "class" and isinstance(host, type) and issubclass(host, Warning | Exception):
+    if kind == "class" and isinstance(host, type) and (
+            issubclass(host, Warning | Exception | np.generic) or name in _HOST_CLASSES):
         return host
     if host is not None and not callable(host):
         return host
@@ -129,10 +132,10 @@ def submodule(name: str) -> StrictModule:
 
 def _from_host(a, dtype, order, copy):
     if isinstance(a, _core.ndarray):
-        arr = a._a
-        if dtype is not None or order not in (None, "K", "A"):
-            arr = np.array(arr, dtype=dtype, order=order or "K", copy=copy is not False)
-        elif copy:
+        arr = a._a if dtype is None else a._a.astype(dtype, copy=False)
+        if order in ("C", "F"):
+            arr = np.asarray(arr, order=order)
+        if copy and arr is a._a:
             arr = arr.copy()
         return _core._wrap(arr)
     unwrapped = _core._unwrap(a)
