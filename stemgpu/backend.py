@@ -260,13 +260,25 @@ def _check_name(name: Any, argument: str) -> str:
     return name.lower()
 
 
+#: Test-suite hook, not for users: with ``STEMGPU_CUPY_STANDIN=1`` "CuPy" is the strict
+#: NumPy-backed stand-in ``cupy_standin`` (``tests/cupy_standin``, which must be importable).
+STANDIN_ENV_VAR = "STEMGPU_CUPY_STANDIN"
+
+
+def _import_cupy() -> ModuleType:
+    """``import cupy``, or the test suite's CuPy stand-in (see :data:`STANDIN_ENV_VAR`)."""
+    if os.environ.get(STANDIN_ENV_VAR) == "1":
+        importlib.import_module("cupy_standin").install()  # puts it in sys.modules once
+    return importlib.import_module("cupy")
+
+
 def _probe_cupy() -> tuple[ModuleType | None, str]:
     """Import CuPy and check that a CUDA device is usable.
 
     Returns ``(cupy, "")`` on success, or ``(None, reason)`` with a sentence saying why not.
     """
     try:
-        cupy = importlib.import_module("cupy")
+        cupy = _import_cupy()
     except Exception as exc:  # ImportError, or a broken CUDA install raising anything
         return None, f"CuPy is not installed or failed to import ({type(exc).__name__}: {exc})"
     try:

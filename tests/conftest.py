@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from cupy_standin.autoenable import pytest_plugins  # noqa: F401 - CuPy stand-in without a GPU
 
 from stemgpu.backend import available_backends
 
