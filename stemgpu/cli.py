@@ -65,7 +65,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             be = resolve_backend(name)
             print(f"         device: {be.device_name}, free memory "
                   f"{be.free_memory() / 1024**3:.1f} GiB")
-    from .kernel_sources import kernel_dir
+    from .atoms.cuda import kernel_dir
 
     print(f"CUDA kernel sources: {kernel_dir()}")
     return EXIT_OK

@@ -134,7 +134,7 @@ def test_backend_reaches_the_standin(cp):
 
 
 def _kernel_args(cp, m=3, k=11):
-    from stemgpu.kernel_sources import kernel_name
+    from stemgpu.atoms.cuda import kernel_name
 
     name = kernel_name("gaussian", "mle", "float32", "float64")
     yy, xx = np.mgrid[0:k, 0:k]
@@ -149,7 +149,9 @@ def _kernel_args(cp, m=3, k=11):
 
 
 def test_raw_module_launch_runs_the_host_build(cp):
-    from stemgpu.kernel_sources import find_nvcc, nvrtc_options, read_source
+    from host_build import find_nvcc
+
+    from stemgpu.atoms.cuda import nvrtc_options, read_source
 
     if find_nvcc() is None:
         pytest.skip("nvcc is not installed (no host build)")
@@ -171,7 +173,9 @@ def test_raw_module_launch_runs_the_host_build(cp):
     (5, "strided", r"'origins' must be C-contiguous"),
 ])
 def test_kernel_launch_checks_arguments_as_the_device_needs(cp, index, bad, match):
-    from stemgpu.kernel_sources import find_nvcc, read_source
+    from host_build import find_nvcc
+
+    from stemgpu.atoms.cuda import read_source
 
     if find_nvcc() is None:
         pytest.skip("nvcc is not installed (no host build)")
@@ -187,7 +191,9 @@ def test_kernel_launch_checks_arguments_as_the_device_needs(cp, index, bad, matc
 
 
 def test_kernel_grid_must_cover_every_fit(cp):
-    from stemgpu.kernel_sources import find_nvcc, read_source
+    from host_build import find_nvcc
+
+    from stemgpu.atoms.cuda import read_source
 
     if find_nvcc() is None:
         pytest.skip("nvcc is not installed (no host build)")

@@ -23,17 +23,16 @@ _C = {"float": np.float32, "double": np.float64}
 
 def host_library():
     """The ctypes host build of kernels/ (through one indirection: the builder may move)."""
-    try:
-        from kernel_host import build_host_library  # tests/ tooling, once moved there
-    except ImportError:
-        from stemgpu.kernel_sources import build_host_library
+    from host_build import build_host_library  # tests/ tooling (tests/ is on sys.path)
+
     return build_host_library()
 
 
 def _model_ids():
-    from stemgpu.kernel_sources import MODEL_STRUCTS
+    from stemgpu.atoms.models import MODELS
 
-    return {struct.split("::")[1]: i for i, struct in enumerate(MODEL_STRUCTS.values())}
+    # The host build lists the models in registry order (tests/host_build.py).
+    return {m.cuda_struct.split("::")[1]: i for i, m in enumerate(MODELS.values())}
 
 
 class RawModule:
@@ -52,7 +51,7 @@ class RawModule:
             raise TypeError("options must be a tuple of str (CuPy's RawModule signature)")
         if backend not in ("nvrtc", "nvcc"):
             raise ValueError(f"backend must be 'nvrtc' or 'nvcc'; got {backend!r}")
-        from stemgpu.kernel_sources import read_source
+        from stemgpu.atoms.cuda import read_source
 
         if read_source() not in code:
             raise NotImplementedError("stand-in: only the code of kernels/lm_fit.cu can be "
