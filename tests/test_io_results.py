@@ -448,3 +448,33 @@ def test_cupy_result_saved_as_numpy_with_cupy_provenance(tmp_path, sim):
     assert_same(rigid, back)  # NumPy arrays, same dtypes and values
     prov = read_provenance(path)
     assert prov["backend"] == "cupy" and not prov["device"].startswith("CPU")
+
+
+def test_files_written_before_the_app_move_still_load():
+    """Files written at commit fd99a0b (stemgpu.pipeline:Analysis, see tests/data/README.md)
+    load into today's classes and give the same summary, number for number."""
+    data = Path(__file__).resolve().parent / "data"
+    expected = json.loads((data / "expected_fd99a0b.json").read_text())
+    with h5py.File(data / "analysis_fd99a0b.h5", "r") as fh:
+        assert fh["stemgpu"].attrs["stemgpu_wrapper_class"] == "stemgpu.pipeline:Analysis"
+    analysis = load(data / "analysis_fd99a0b.h5")
+    assert isinstance(analysis, stemgpu.Analysis)
+    assert type(analysis.rigid) is stemgpu.RigidResult
+    assert type(analysis.atoms) is stemgpu.AtomFit
+    assert analysis.statistics.n_cells == expected["n_cells"]
+    np.testing.assert_array_equal(np.asarray(analysis.rigid.shifts),
+                                  np.asarray(expected["analysis_shifts"]))
+    rows = {k: r.as_dict() for k, r in analysis.summary().items()}
+    assert rows.keys() == expected["summary_rows"].keys()
+    for name, row in rows.items():
+        want = expected["summary_rows"][name]
+        for key, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(want[key]), (name, key)
+            else:
+                assert value == want[key], (name, key)
+    assert analysis.summary(as_text=True) == expected["summary_text"]
+    rigid = load(data / "rigid_fd99a0b.h5")
+    assert type(rigid) is stemgpu.RigidResult
+    np.testing.assert_array_equal(np.asarray(rigid.shifts), np.asarray(expected["rigid_shifts"]))
+    assert float(np.asarray(rigid.mean, dtype=np.float64).sum()) == expected["rigid_mean_sum"]
