@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import stemgpu
+from stemgpu.io import _codec as codec
 from stemgpu.io import results as results_mod
 from stemgpu.io.results import load, read_provenance, save
 from stemgpu.io.sidpy_io import to_dataset
@@ -427,7 +428,7 @@ def test_compression_round_trip(tmp_path):
 
 def test_json_encoding_is_valid_json(tmp_path):
     # the JSON datasets must be readable by any JSON parser except for NaN/Infinity tokens
-    text = json.dumps(results_mod._to_json({"t": (1, 2), 3: slice(None, 4)}, "x"))
+    text = json.dumps(codec.to_json({"t": (1, 2), 3: slice(None, 4)}, "x"))
     assert json.loads(text) == {"__dict__": [["t", {"__tuple__": [1, 2]}],
                                              [3, {"__slice__": [None, 4, None]}]]}
 

@@ -1,7 +1,8 @@
 """The ``stemgpu`` command: ``info``, ``demo``, ``run`` and ``bench``.
 
 Errors a user can fix (a missing file, a bad option, an unavailable backend) end with a
-one-line message on stderr and a non-zero exit code, never a traceback:
+one-line message on stderr and a non-zero exit code (:mod:`stemgpu.app.errors`), never a
+traceback:
 
 ====  =====================================================
 code  meaning
@@ -17,23 +18,14 @@ code  meaning
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
-STEP_NAMES = ("rigid", "demons", "atoms", "cells")
+from .errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, AnalysisError
+from .steps import STEPS, parse_step_names
 
-
-class _Quiet:
-    """Print helper that honours --quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, *args, **kwargs):
-        if not self.quiet:
-            print(*args, **kwargs)
+__all__ = ["EXIT_BACKEND", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE",
+           "build_parser", "main"]
 
 
 def _versions() -> dict[str, str]:
@@ -53,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, available backends, device name and memory."""
     import platform
 
-    from .backend import available_backends, resolve_backend
+    from ..backend import available_backends, resolve_backend
 
     print(f"stemgpu on Python {platform.python_version()} ({platform.machine()})")
     for name, version in _versions().items():
@@ -65,7 +57,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             be = resolve_backend(name)
             print(f"         device: {be.device_name}, free memory "
                   f"{be.free_memory() / 1024**3:.1f} GiB")
-    from .kernel_sources import kernel_dir
+    from ..kernel_sources import kernel_dir
 
     print(f"CUDA kernel sources: {kernel_dir()}")
     return EXIT_OK
@@ -84,219 +76,10 @@ def _positive_float(text: str) -> float:
 
 
 def _parse_steps(text: str) -> tuple[str, ...]:
-    steps = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in steps if s not in STEP_NAMES]
-    if bad or not steps:
-        raise argparse.ArgumentTypeError(
-            f"--steps {text!r}: unknown step(s) {bad}; choose from {','.join(STEP_NAMES)}"
-        )
-    return steps
-
-
-def read_input(path: str, *, pixel_size: float | None = None):
-    """Open ``path`` as a calibrated sidpy Dataset: Nion ``.ndata1``/``.h5`` or pyNSID HDF5.
-
-    Raises ``ValueError`` with a one-line message naming the file for anything else.
-    """
-    import os
-
-    from .io.nion import NionFormatError, read_nion
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: is a directory, not a data file")
-    if _is_results_file(path):
-        raise ValueError(f"{path}: a stemgpu results file (written by stemgpu.save), not "
-                         "microscope data; open it with stemgpu.load in Python")
     try:
-        return read_nion(path, lazy=False, pixel_size=pixel_size)
-    except NionFormatError as nion_error:
-        if not path.lower().endswith((".h5", ".hdf5", ".nsid")):
-            raise
-        dataset = _read_nsid(path)
-        if dataset is None:
-            raise ValueError(f"{path}: neither a Nion file ({nion_error}) nor an HDF5 file "
-                             "holding a pyNSID image or image stack") from None
-        return dataset
-
-
-def _frame_source(path: str, pixel_size):
-    """A lazy Nion stack of >= 3 frames (streamed by rigid registration), else None."""
-    from .io.nion import NionFormatError, open_frames
-
-    if not os.path.isfile(path):
-        return None  # read_input reports missing files, folders and results files
-    try:
-        source = open_frames(path, pixel_size=pixel_size)
-    except (NionFormatError, ValueError, OSError):
-        return None  # read_input reports the problem in its own words
-    if len(source.shape) != 3 or source.shape[0] < 3:
-        source.close()
-        return None
-    return source
-
-
-def _is_results_file(path: str) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as fh:
-            return "stemgpu_format" in fh.attrs
-    except OSError:
-        return False
-
-
-def _read_nsid(path: str):
-    """The first 2-D or 3-D pyNSID main dataset of an HDF5 file, loaded, or None."""
-    import warnings
-
-    import h5py
-    import numpy as np
-
-    from ._inputs import pixel_size_from_dataset
-    from .io.sidpy_io import to_dataset
-
-    try:
-        fh = h5py.File(path, "r")
-    except OSError:
-        return None
-    with fh, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            from pyNSID.io.hdf_utils import get_all_main, read_h5py_dataset
-
-            mains = get_all_main(fh)
-        except Exception:  # a foreign HDF5 layout: the caller reports it in one line
-            return None
-        for dset in mains:
-            if dset.ndim not in (2, 3):
-                continue
-            ds = read_h5py_dataset(dset)
-            data = np.asarray(ds)
-            px = pixel_size_from_dataset(ds)
-            return to_dataset(data, pixel_size=px, title=str(getattr(ds, "title", "") or "data"),
-                              metadata=dict(getattr(ds, "metadata", {}) or {}))
-    return None
-
-
-IMAGE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps", ".webp")
-
-
-def check_output_paths(out, figure) -> None:
-    """Fail before any work when a results file or figure could not be written."""
-    import os
-
-    for option, target in (("--out", out), ("--figure", figure)):
-        if not target:
-            continue
-        folder = os.path.dirname(os.path.abspath(os.fspath(target)))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{option} {target}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"{option} {target}: folder {folder} is not writable")
-        if os.path.isdir(os.fspath(target)):
-            raise IsADirectoryError(f"{option} {target}: is a directory")
-    if figure and os.path.splitext(os.fspath(figure))[1].lower() not in IMAGE_FORMATS:
-        raise ValueError(f"--figure {figure}: not an image file name; use one of "
-                         + ", ".join(IMAGE_FORMATS))
-
-
-def run_file(path, *, out=None, backend=None, steps=STEP_NAMES, pixel_size=None,
-             quiet=False, figure=None) -> int:
-    """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
-    import os
-
-    from .backend import to_host
-    from .io.results import save
-    from .pipeline import analyze
-    from .report import save_report
-
-    say = _Quiet(quiet)
-    out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
-    if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
-        raise ValueError(f"--out {out}: would overwrite the input file")
-    check_output_paths(out, figure)
-    steps = tuple(steps)
-    source = _frame_source(os.fspath(path), pixel_size) if "demons" not in steps \
-        and "rigid" in steps else None
-    ds = source if source is not None else read_input(os.fspath(path), pixel_size=pixel_size)
-    if ds.ndim == 2 and {"rigid", "demons"} & set(steps):
-        steps = tuple(s for s in steps if s not in ("rigid", "demons"))
-        say(f"{path}: a single image; running {', '.join(steps) or 'nothing'}")
-        if not steps:
-            raise ValueError("--steps: rigid/demons need an image stack; this file holds one "
-                             "image")
-    if ds.ndim == 3 and ds.shape[0] < 3 and "rigid" in steps:
-        raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3 "
-                         "(use --steps atoms,cells to fit the mean of these frames)")
-    if source is not None:
-        say(f"{path}: streaming the frames from disk (only the registered mean is kept)")
-    try:
-        analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                           progress=not quiet)
-    finally:
-        if source is not None:
-            source.close()
-    say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
-    say(analysis.summary(as_text=True))
-    save(analysis, out, overwrite=True, source=os.fspath(path))
-    say(f"results: {os.path.abspath(out)}")
-    if figure:
-        say(f"report figure: {save_report(analysis, figure)}")
-    if analysis.atoms is not None:
-        ok = to_host(analysis.atoms.status) == 0
-        if not ok.any():
-            print(f"stemgpu: {path}: no atom column fit converged", file=sys.stderr)
-            return EXIT_FAILED
-    return EXIT_OK
-
-
-def quick_bench(*, size: int = 512, frames: int = 10) -> int:
-    """``stemgpu bench``: time each stage on every available backend, print a table."""
-    import time
-
-    from .backend import available_backends, resolve_backend
-    from .synthetic import simulate_stack
-
-    if size < 64 or frames < 3:
-        raise ValueError(f"--size must be >= 64 and --frames >= 3; got {size}, {frames}")
-    stack, truth = simulate_stack((frames, size, size), frame_jitter_px=0.3,
-                                  line_jitter_px=0.05, seed=0)
-    names = [n for n, state in available_backends().items() if state == "available"]
-    from .atoms.fit import fit_atoms
-    from .registration.demons import register_demons
-    from .registration.rigid import register_rigid
-
-    keep = truth.visible(0, margin=10)
-    start = truth.image_positions(0)[keep]
-
-    stages = {
-        "rigid": lambda be, s: register_rigid(s, backend=be),
-        "demons (20 it.)": lambda be, s: register_demons(s, iterations=20, backend=be),
-        "fit (frame 0)": lambda be, s: fit_atoms(s[0], start, sigma=truth.probe_sigma_px,
-                                                 backend=be),
-    }
-    table = {}
-    for name in names:
-        be = resolve_backend(name)
-        data = be.asarray(stack)
-        for stage, fn in stages.items():
-            fn(be, data)  # warm-up: kernel compilation, FFT plans
-            be.synchronize()
-            t = time.perf_counter()
-            fn(be, data)
-            be.synchronize()
-            table[(stage, name)] = time.perf_counter() - t
-    print(f"stemgpu bench: {frames} x {size} x {size} SrTiO3 stack, {int(keep.sum())} columns")
-    head = "stage".ljust(18) + "".join(n.rjust(12) for n in names)
-    print(head)
-    for stage in stages:
-        print(stage.ljust(18) + "".join(f"{table[(stage, n)]:11.3f}s" for n in names))
-    for name in names:
-        be = resolve_backend(name)
-        print(f"{name}: {be.device_name}")
-    return EXIT_OK
+        return parse_step_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--steps {text!r}: {exc}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -309,12 +92,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Analyse a Nion / HDF5 file."""
+    from .run import run_file
+
     return run_file(args.file, out=args.out, backend=args.backend, steps=args.steps,
                     pixel_size=args.pixel_size, quiet=args.quiet, figure=args.figure)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Quick backend comparison on this machine."""
+    from .bench import quick_bench
+
     return quick_bench(size=args.size, frames=args.frames)
 
 
@@ -352,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results file (default FILE-stemgpu.h5)")
     p.add_argument("--figure", default=None, help="report figure (PNG)")
     p.add_argument("--backend", default=None, help=backend_help)
-    p.add_argument("--steps", type=_parse_steps, default=STEP_NAMES,
-                   help="comma-separated subset of " + ",".join(STEP_NAMES))
+    p.add_argument("--steps", type=_parse_steps, default=STEPS,
+                   help="comma-separated subset of " + ",".join(STEPS))
     p.add_argument("--pixel-size", type=_positive_float, default=None,
                    help="pixel size in pm (overrides the file's calibration)")
     p.add_argument("--quiet", action="store_true")
@@ -368,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stemgpu`` console script."""
-    from .backend import BackendUnavailableError
-    from .pipeline import AnalysisError
+    from ..backend import BackendUnavailableError
 
     parser = build_parser()
     args = parser.parse_args(argv)

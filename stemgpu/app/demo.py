@@ -1,6 +1,6 @@
 """The built-in example: a simulated SrTiO3 [001] stack whose truth is known exactly.
 
-:func:`demo_stack` renders the stack (drift, frame jitter of ~3 pm as in the lecture, scan-
+:func:`demo_stack` renders the stack (drift, frame jitter of ~3 pm, scan-
 line jitter, a slight scan distortion and a B-site displacement); :func:`demo_truth` gives
 the true value of every row of :meth:`stemgpu.Analysis.summary` that has an unbiased
 estimator; :func:`compare` lists measured value, uncertainty and truth side by side;
@@ -14,9 +14,14 @@ import time
 
 import numpy as np
 
+from .analysis import analyze
+from .errors import EXIT_FAILED, EXIT_OK
+from .paths import check_output_paths
+from .table import format_rows
+
 __all__ = ["DEMO", "compare", "demo_stack", "demo_truth", "run_demo"]
 
-#: Parameters of the demo scene (pixel size and lattice parameter as in the lecture).
+#: Parameters of the demo scene (14.6 pm pixels, SrTiO3: a = 390.5 pm).
 DEMO = {
     "pixel_size_pm": 14.6,
     "dose": 100.0,
@@ -40,12 +45,12 @@ def demo_stack(frames: int = 16, size: int = 512, *, seed: int = 2026):
 
     Examples
     --------
-    >>> from stemgpu.demo import demo_stack
+    >>> from stemgpu.app.demo import demo_stack
     >>> stack, truth = demo_stack(frames=3, size=160)
     >>> stack.shape, truth.pixel_size_pm
     ((3, 160, 160), 14.6)
     """
-    from .synthetic import simulate_stack
+    from ..synthetic import simulate_stack
 
     if int(frames) < 3:
         raise ValueError(f"frames must be at least 3 for the drift fit; got {frames!r}")
@@ -70,15 +75,15 @@ def demo_truth(truth) -> dict[str, float]:
 
     Examples
     --------
-    >>> from stemgpu.demo import demo_truth
+    >>> from stemgpu.app.demo import demo_truth
     >>> from stemgpu.synthetic import simulate_stack
     >>> stack, truth = simulate_stack((3, 160, 160), frame_jitter_px=0.4, seed=1)
     >>> values = demo_truth(truth)
     >>> round(values["a1_length_pm"], 1), round(values["jitter_std_x_pm"], 2)
     (390.5, 5.84)
     """
-    from .lattice.cells import unit_cells
-    from .lattice.stats import cell_statistics
+    from ..lattice.cells import unit_cells
+    from ..lattice.stats import cell_statistics
 
     px = truth.pixel_size_pm
     ainv = np.linalg.inv(truth.distortion)
@@ -115,7 +120,7 @@ def compare(analysis, truth_values: dict[str, float], *, limit: float = 3.0):
     Examples
     --------
     >>> import stemgpu
-    >>> from stemgpu.demo import compare, demo_truth
+    >>> from stemgpu.app.demo import compare, demo_truth
     >>> stack, truth = stemgpu.simulate_stack((8, 192, 192), frame_jitter_px=0.3, seed=1)
     >>> res = stemgpu.analyze(stack, pixel_size=14.6, steps=("rigid", "atoms", "cells"),
     ...                       progress=False)
@@ -123,8 +128,6 @@ def compare(analysis, truth_values: dict[str, float], *, limit: float = 3.0):
     >>> "median |a1|" in text, set(disagreeing) <= set(res.summary())
     (True, True)
     """
-    from .pipeline import format_rows
-
     rows = analysis.summary()
     shown = {k: v for k, v in truth_values.items() if k in rows}
     bad = [k for k, t in shown.items()
@@ -141,12 +144,9 @@ def run_demo(*, out="stemgpu-demo.h5", figure="stemgpu-demo.png", backend=None,
     Exit code 0 when every compared row lies within 3 of its printed uncertainties of the
     truth, 1 otherwise (the table says which).
     """
-    from .io.results import save
-    from .pipeline import analyze
+    from ..io.results import save
 
     say = (lambda *a: None) if quiet else print
-    from .cli import check_output_paths
-
     check_output_paths(out, figure)
     t0 = time.perf_counter()
     say(f"simulating a SrTiO3 [001] stack: {frames} frames of {size} x {size} px at "
@@ -171,6 +171,6 @@ def run_demo(*, out="stemgpu-demo.h5", figure="stemgpu-demo.png", backend=None,
     say(f"total {time.perf_counter() - t0:.1f} s (analysis {t1 - t0:.1f} s with simulation)")
     if bad:
         print("demo: rows further than 3 sigma from the truth: " + ", ".join(bad))
-        return 1
+        return EXIT_FAILED
     say("every compared row agrees with the truth within 3 sigma")
-    return 0
+    return EXIT_OK

@@ -1,4 +1,4 @@
-"""Report figures of an :class:`~stemgpu.pipeline.Analysis` (matplotlib, imported on use).
+"""Report figures of an :class:`~stemgpu.app.analysis.Analysis` (matplotlib, imported on use).
 
 :func:`plot_report` draws one page: drift trajectory with its smooth fit and the jitter,
 the registered mean with the refined columns, maps of tetragonal and shear distortion,
@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .backend import to_host
+from ..backend import to_host
 
 __all__ = ["plot_columns", "plot_maps", "plot_report", "save_report"]
 
@@ -44,7 +44,7 @@ def plot_columns(analysis, ax=None, *, markersize: float = 6.0):
     >>> import stemgpu
     >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
     >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
-    >>> from stemgpu.report import plot_columns
+    >>> from stemgpu.app.report import plot_columns
     >>> fig = plot_columns(res)
     >>> sorted(t.get_text().split()[0] for t in fig.axes[0].get_legend().get_texts())
     ['A', 'B', 'O', 'flagged']
@@ -103,14 +103,14 @@ def plot_maps(analysis, axes=None):
     >>> import stemgpu
     >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
     >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
-    >>> from stemgpu.report import plot_maps
+    >>> from stemgpu.app.report import plot_maps
     >>> fig = plot_maps(res)
     >>> [ax.get_title() for ax in fig.axes if ax.get_title()]  # (colour bars have none)
     ['tetragonal distortion', 'shear distortion', 'rotation (deg)', 'B-site displacement (x...)']
     """
     import matplotlib.pyplot as plt
 
-    from .lattice.plot import plot_bsite_displacement, plot_cell_map
+    from ..lattice.plot import plot_bsite_displacement, plot_cell_map
 
     cells = analysis.cells
     if cells is None:
@@ -139,7 +139,7 @@ def plot_maps(analysis, axes=None):
 
 
 def _histograms(analysis, axes):
-    from .lattice.plot import cell_values
+    from ..lattice.plot import cell_values
 
     cells = analysis.cells
     px = analysis.pixel_size_pm
@@ -178,7 +178,7 @@ def plot_report(analysis, path=None, *, dpi: int = 110):
     >>> import stemgpu
     >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
     >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
-    >>> from stemgpu.report import plot_report
+    >>> from stemgpu.app.report import plot_report
     >>> fig = plot_report(res, "report.png")
     >>> import os; os.path.exists("report.png")
     True
@@ -243,7 +243,7 @@ def save_report(analysis, path) -> str:
     >>> import stemgpu
     >>> image, truth = stemgpu.simulate_image((192, 192), seed=0)
     >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False)
-    >>> from stemgpu.report import save_report
+    >>> from stemgpu.app.report import save_report
     >>> save_report(res, "report.png").endswith("report.png")
     True
     """
