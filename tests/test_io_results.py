@@ -479,3 +479,18 @@ def test_files_written_before_the_app_move_still_load():
     assert type(rigid) is stemgpu.RigidResult
     np.testing.assert_array_equal(np.asarray(rigid.shifts), np.asarray(expected["rigid_shifts"]))
     assert float(np.asarray(rigid.mean, dtype=np.float64).sum()) == expected["rigid_mean_sum"]
+
+
+def test_one_lazy_array_rule_with_memmap_flag(tmp_path):
+    from stemgpu._inputs import is_frame_source
+
+    mm = np.memmap(tmp_path / "m.dat", dtype="float32", mode="w+", shape=(3, 8, 8))
+    with h5py.File(tmp_path / "d.h5", "w") as fh:
+        dset = fh.create_dataset("d", data=np.zeros((3, 8, 8)))
+        assert is_frame_source(dset) and is_frame_source(dset, memmap=False)
+    assert is_frame_source(mm) and not is_frame_source(mm, memmap=False)
+    for obj in (np.zeros(3), np.float32(1.0), "abc", b"x", [1, 2], {"shape": 1}):
+        assert not is_frame_source(obj)
+    # the results writer stores a memmap as the array it is, in one dataset
+    back = load(save({"m": mm}, tmp_path / "mm.h5"))
+    np.testing.assert_array_equal(back["m"], np.asarray(mm))
