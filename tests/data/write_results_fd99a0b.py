@@ -2,7 +2,8 @@
 
 Run from the repository root: ``PYTHONPATH=. python tests/data/write_results_fd99a0b.py``.
 The files in tests/data were written at commit fd99a0b, before the application code moved
-to ``stemgpu/app/``; ``tests/test_io_results.py`` checks that they still load.
+to ``stemgpu/app/``; ``tests/test_io_results.py`` checks that they still load. Run at a
+later commit it writes that commit's files: keep the committed ones as they are.
 """
 
 from __future__ import annotations
