@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from stemgpu.demo import compare, demo_stack, demo_truth
-from stemgpu.pipeline import analyze
+from stemgpu.app import analyze, compare, demo_stack, demo_truth
 
 from .conftest import FULL, sync_call
 

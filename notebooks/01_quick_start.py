@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import stemgpu
-from stemgpu.demo import DEMO, compare, demo_stack, demo_truth
+from stemgpu.app import DEMO, compare, demo_stack, demo_truth
 from stemgpu.io.nion import _write_ndata1_for_doc
 
 SMALL = os.environ.get("STEMGPU_NOTEBOOK_SMALL", "") not in ("", "0")

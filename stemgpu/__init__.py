@@ -49,8 +49,8 @@ _LAZY = {
     "open_frames": "stemgpu.io.nion",
     "save": "stemgpu.io.results",
     "load": "stemgpu.io.results",
-    "analyze": "stemgpu.pipeline",
-    "Analysis": "stemgpu.pipeline",
+    "analyze": "stemgpu.app.analysis",
+    "Analysis": "stemgpu.app.analysis",
 }
 
 __all__ = [

@@ -9,6 +9,7 @@ carried one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "Calibrated",
     "as_image",
     "as_stack",
+    "is_frame_source",
     "is_sidpy_dataset",
     "length_to_pm",
     "pixel_size_from_dataset",
@@ -67,17 +69,33 @@ def is_sidpy_dataset(obj: Any) -> bool:
                for c in type(obj).__mro__)
 
 
-def is_frame_source(obj: Any) -> bool:
+def is_frame_source(obj: Any, *, memmap: bool = True) -> bool:
     """True for a lazy stack read frame by frame from disk (LazyStack, h5py dataset, memmap).
 
-    NumPy/CuPy arrays, sidpy Datasets and lists are in-memory data, not frame sources.
+    The one "is this a lazy array?" rule of the package: anything with ``shape``, ``dtype``
+    and ``__getitem__`` that is not in memory. NumPy/CuPy arrays and scalars, sidpy Datasets,
+    strings, mappings, lists and tuples are in-memory data, not frame sources.
+
+    Parameters
+    ----------
+    obj : object
+    memmap : bool
+        Whether a ``numpy.memmap`` counts: True for the stages, which stream it batch by
+        batch; the results writer passes False and stores it as the NumPy array it is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu._inputs import is_frame_source
+    >>> is_frame_source(np.zeros((3, 4, 4))), is_frame_source(np.float32(1.0))
+    (False, False)
     """
     if isinstance(obj, np.memmap):
-        return True
-    if isinstance(obj, np.ndarray) or is_cupy_array(obj) or is_sidpy_dataset(obj):
+        return memmap
+    if (isinstance(obj, np.ndarray | np.generic | str | bytes | Mapping | list | tuple)
+            or is_cupy_array(obj) or is_sidpy_dataset(obj)):
         return False
-    return (all(hasattr(obj, a) for a in ("shape", "dtype", "__getitem__"))
-            and not isinstance(obj, list | tuple))
+    return all(hasattr(obj, a) for a in ("shape", "dtype", "__getitem__"))
 
 
 def length_to_pm(value: float, unit: str) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import stemgpu
-from stemgpu.cli import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_USAGE, main
+from stemgpu.app.cli import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_USAGE, main
 from stemgpu.io.nion import _write_ndata1_for_doc as write_ndata1
 
 
@@ -160,7 +160,7 @@ def test_output_paths_checked_before_the_analysis(nion_file, tmp_path, capsys):
 
 
 def test_nothing_found_is_an_analysis_failure(tmp_path, capsys):
-    from stemgpu.cli import EXIT_FAILED
+    from stemgpu.app.cli import EXIT_FAILED
 
     rng = np.random.default_rng(0)
     path = tmp_path / "noise.ndata1"
@@ -195,3 +195,38 @@ def test_streamed_analysis_refuses_demons(nion_file):
             stemgpu.analyze(source, progress=False)
     finally:
         source.close()
+
+
+def test_read_nsid_reads_what_run_reads(tmp_path):
+    import warnings
+
+    import h5py
+    import pyNSID
+
+    from stemgpu.io.nsid import read_nsid
+    from stemgpu.io.sidpy_io import pixel_size_from_dataset, to_dataset
+
+    stack, _ = stemgpu.simulate_stack((3, 64, 64), seed=1)
+    path = tmp_path / "nsid.h5"
+    with h5py.File(path, "w") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grp = fh.create_group("Measurement_000/Channel_000")
+        pyNSID.hdf_io.write_nsid_dataset(to_dataset(stack.astype("float32"), pixel_size=14.6),
+                                         grp)
+    ds = read_nsid(path)
+    np.testing.assert_array_equal(np.asarray(ds), stack.astype("float32"))
+    assert pixel_size_from_dataset(ds) == pytest.approx(14.6)
+    assert pixel_size_from_dataset(read_nsid(path, pixel_size=20.0)) == pytest.approx(20.0)
+    with h5py.File(tmp_path / "plain.h5", "w") as fh:
+        fh.create_dataset("data", data=stack)
+    assert read_nsid(tmp_path / "plain.h5") is None
+    assert read_nsid(tmp_path / "missing.h5") is None
+
+
+def test_old_module_paths_are_the_new_objects():
+    import stemgpu.app as app
+    from stemgpu import cli, demo, pipeline, report
+
+    assert cli.main is app.main and cli.STEP_NAMES is app.STEPS
+    assert pipeline.analyze is app.analyze and pipeline.Analysis is app.Analysis
+    assert demo.run_demo is app.run_demo and report.plot_report is app.plot_report

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import stemgpu
+from stemgpu.io import _codec as codec
 from stemgpu.io import results as results_mod
 from stemgpu.io.results import load, read_provenance, save
 from stemgpu.io.sidpy_io import to_dataset
@@ -427,7 +428,7 @@ def test_compression_round_trip(tmp_path):
 
 def test_json_encoding_is_valid_json(tmp_path):
     # the JSON datasets must be readable by any JSON parser except for NaN/Infinity tokens
-    text = json.dumps(results_mod._to_json({"t": (1, 2), 3: slice(None, 4)}, "x"))
+    text = json.dumps(codec.to_json({"t": (1, 2), 3: slice(None, 4)}, "x"))
     assert json.loads(text) == {"__dict__": [["t", {"__tuple__": [1, 2]}],
                                              [3, {"__slice__": [None, 4, None]}]]}
 
@@ -448,3 +449,48 @@ def test_cupy_result_saved_as_numpy_with_cupy_provenance(tmp_path, sim):
     assert_same(rigid, back)  # NumPy arrays, same dtypes and values
     prov = read_provenance(path)
     assert prov["backend"] == "cupy" and not prov["device"].startswith("CPU")
+
+
+def test_files_written_before_the_app_move_still_load():
+    """Files written at commit fd99a0b (stemgpu.pipeline:Analysis, see tests/data/README.md)
+    load into today's classes and give the same summary, number for number."""
+    data = Path(__file__).resolve().parent / "data"
+    expected = json.loads((data / "expected_fd99a0b.json").read_text())
+    with h5py.File(data / "analysis_fd99a0b.h5", "r") as fh:
+        assert fh["stemgpu"].attrs["stemgpu_wrapper_class"] == "stemgpu.pipeline:Analysis"
+    analysis = load(data / "analysis_fd99a0b.h5")
+    assert isinstance(analysis, stemgpu.Analysis)
+    assert type(analysis.rigid) is stemgpu.RigidResult
+    assert type(analysis.atoms) is stemgpu.AtomFit
+    assert analysis.statistics.n_cells == expected["n_cells"]
+    np.testing.assert_array_equal(np.asarray(analysis.rigid.shifts),
+                                  np.asarray(expected["analysis_shifts"]))
+    rows = {k: r.as_dict() for k, r in analysis.summary().items()}
+    assert rows.keys() == expected["summary_rows"].keys()
+    for name, row in rows.items():
+        want = expected["summary_rows"][name]
+        for key, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(want[key]), (name, key)
+            else:
+                assert value == want[key], (name, key)
+    assert analysis.summary(as_text=True) == expected["summary_text"]
+    rigid = load(data / "rigid_fd99a0b.h5")
+    assert type(rigid) is stemgpu.RigidResult
+    np.testing.assert_array_equal(np.asarray(rigid.shifts), np.asarray(expected["rigid_shifts"]))
+    assert float(np.asarray(rigid.mean, dtype=np.float64).sum()) == expected["rigid_mean_sum"]
+
+
+def test_one_lazy_array_rule_with_memmap_flag(tmp_path):
+    from stemgpu._inputs import is_frame_source
+
+    mm = np.memmap(tmp_path / "m.dat", dtype="float32", mode="w+", shape=(3, 8, 8))
+    with h5py.File(tmp_path / "d.h5", "w") as fh:
+        dset = fh.create_dataset("d", data=np.zeros((3, 8, 8)))
+        assert is_frame_source(dset) and is_frame_source(dset, memmap=False)
+    assert is_frame_source(mm) and not is_frame_source(mm, memmap=False)
+    for obj in (np.zeros(3), np.float32(1.0), "abc", b"x", [1, 2], {"shape": 1}):
+        assert not is_frame_source(obj)
+    # the results writer stores a memmap as the array it is, in one dataset
+    back = load(save({"m": mm}, tmp_path / "mm.h5"))
+    np.testing.assert_array_equal(back["m"], np.asarray(mm))

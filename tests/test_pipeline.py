@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 import stemgpu
-from stemgpu.demo import BIASED, DEMO, compare, demo_truth
-from stemgpu.pipeline import SYSTEMATIC, analyze
+from stemgpu.app import BIASED, DEMO, SYSTEMATIC, analyze, compare, demo_truth
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """`stemgpu demo` at its default size, run once through the CLI entry point."""
-    from stemgpu.cli import main
+    from stemgpu.app.cli import main
 
     folder = tmp_path_factory.mktemp("demo")
     out, fig = folder / "stemgpu-demo.h5", folder / "stemgpu-demo.png"
@@ -27,7 +26,7 @@ def test_demo_runs_and_matches_truth_within_printed_uncertainties(demo_run):
     assert out.stat().st_size > 0 and fig.stat().st_size > 10_000
     analysis = stemgpu.load(out)
     assert isinstance(analysis, stemgpu.Analysis)
-    from stemgpu.demo import demo_stack
+    from stemgpu.app import demo_stack
 
     _, truth = demo_stack()
     truth_values = demo_truth(truth)
@@ -173,7 +172,7 @@ def test_streamed_mean_leaves_out_flagged_frames(tmp_path):
 
 @pytest.mark.parametrize("dof", [2, 6, 30])
 def test_std_interval_covers_the_true_std_at_its_level(dof):
-    from stemgpu.pipeline import std_interval
+    from stemgpu.app import std_interval
 
     rng = np.random.default_rng(dof)
     sigma = 3.0

@@ -1,0 +1,51 @@
+"""Reading microscope data and writing results: Nion files, pyNSID files, lazy stacks, sidpy.
+
+:mod:`~stemgpu.io.nion` reads Nion Swift ``.ndata1`` / ``.h5`` (``stemgpu.open``,
+``stemgpu.open_frames``), :mod:`~stemgpu.io.nsid` pyNSID HDF5 images, :mod:`~stemgpu.io.lazy`
+streams frames from disk, :mod:`~stemgpu.io.sidpy_io` converts to and from
+``sidpy.Dataset``; :mod:`~stemgpu.io.results` saves and loads results files (their HDF5 tree in
+:mod:`~stemgpu.io._tree`, its tagged JSON in :mod:`~stemgpu.io._codec`). Everything here runs
+on the host. Names are loaded on first use: ``import stemgpu.io`` imports neither h5py nor
+sidpy.
+
+Examples
+--------
+>>> import stemgpu.io
+>>> stemgpu.io.save.__module__
+'stemgpu.io.results'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Public name -> module that defines it; resolved lazily by __getattr__ below.
+_LAZY = {
+    "NionFormatError": "stemgpu.io.nion",
+    "open": "stemgpu.io.nion",
+    "open_frames": "stemgpu.io.nion",
+    "read_nion": "stemgpu.io.nion",
+    "read_nsid": "stemgpu.io.nsid",
+    "LazyStack": "stemgpu.io.lazy",
+    "to_dataset": "stemgpu.io.sidpy_io",
+    "from_dataset": "stemgpu.io.sidpy_io",
+    "save": "stemgpu.io.results",
+    "load": "stemgpu.io.results",
+    "read_provenance": "stemgpu.io.results",
+    "is_results_file": "stemgpu.io.results",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'stemgpu.io' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

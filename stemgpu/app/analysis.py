@@ -1,0 +1,250 @@
+"""The end-to-end analysis: rigid -> demons -> atoms -> cells, in one call.
+
+:func:`analyze` runs the stages a user asks for on one stack and returns an
+:class:`Analysis` holding every stage's result. ``Analysis.summary()`` gives the summary
+table (jitter, drift, cell sides, angles, area, B-site displacement, tetragonal and shear
+distortion), every figure with its one-sigma uncertainty; ``Analysis.plot_report()`` draws
+the report figure; ``stemgpu.save(analysis, path)`` writes everything to one HDF5 file.
+
+Stages (each a function of :mod:`stemgpu.app.stages`)
+-----------------------------------------------------
+``"rigid"``
+    :func:`stemgpu.register_rigid` (reference: the stack mean) and
+    :func:`stemgpu.drift_report` (linear drift plus frame jitter, in pm).
+``"demons"``
+    :func:`stemgpu.register_demons` of the rigidly registered frames onto their mean.
+``"atoms"``
+    On the registered mean image: :func:`stemgpu.find_atoms`, a first
+    :func:`stemgpu.fit_atoms`, species by fitted amplitude (A-site brightest), then, for a
+    perovskite (``edge_columns=True``), the faint O columns are started at the A-A edge
+    midpoints and every column is refitted together so that the O tails do not bias the
+    B-site positions.
+``"cells"``
+    :func:`stemgpu.unit_cells` on the converged A- and B-site columns and
+    :func:`stemgpu.cell_statistics` (medians with bootstrap uncertainties).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .._progress import progress_bar
+from . import stages
+from .steps import STEPS, check_options, check_steps
+from .summary import summary_rows
+from .table import format_rows
+
+__all__ = ["Analysis", "analyze"]
+
+
+class Analysis:
+    """Every stage's result of :func:`analyze`, with the summary table and the plots.
+
+    Attributes
+    ----------
+    results : dict
+        ``"info"`` (pixel size, steps, timings, backend, options) and, per stage run,
+        ``"rigid"`` (:class:`~stemgpu.registration.rigid.RigidResult`), ``"drift"``
+        (:class:`~stemgpu.registration.drift.DriftReport`), ``"demons"``
+        (:class:`~stemgpu.registration.demons.DemonsResult`), ``"mean_image"`` (the
+        registered mean), ``"atoms"`` (:class:`~stemgpu.atoms.fit.AtomFit`), ``"species"``
+        (label per fitted column), ``"cells"``
+        (:class:`~stemgpu.lattice.cells.UnitCells`) and ``"statistics"``
+        (:class:`~stemgpu.lattice.stats.CellStatistics`).
+
+    The stage results are also attributes (``analysis.rigid``, ``analysis.cells``, ...;
+    ``None`` for a stage not run). ``stemgpu.load`` rebuilds an Analysis from a saved file.
+    """
+
+    def __init__(self, results: Mapping[str, Any]):
+        self.results = dict(results)
+
+    def __getattr__(self, name: str):
+        if name in ("rigid", "drift", "demons", "mean_image", "atoms", "species", "cells",
+                    "statistics", "info"):
+            return self.__dict__["results"].get(name)
+        raise AttributeError(f"'Analysis' object has no attribute {name!r}")
+
+    @property
+    def pixel_size_pm(self) -> float:
+        """Pixel size (pm) every calibrated figure uses."""
+        return float(self.results["info"]["pixel_size_pm"])
+
+    def __repr__(self) -> str:
+        done = [k for k in self.results if k != "info"]
+        return f"Analysis(pixel_size_pm={self.pixel_size_pm:g}, results={done})"
+
+    # ------------------------------------------------------------------ summary
+    def summary(self, as_text: bool = False):
+        """The summary table: every figure with its one-sigma uncertainty.
+
+        Returns a dict ``name -> Row`` (or an aligned text table with ``as_text=True``).
+
+        Uncertainties (one sigma; ``Row.uncertainty`` statistical, ``Row.systematic`` the
+        known systematic floor of the fit, ``Row.total_uncertainty`` both): the jitter std
+        of ``n`` frames about a fit with ``p`` parameters has
+        ``s / sqrt(2 (n - p))`` (normal jitter); the drift rate has the standard error of
+        the smooth fit (``s / sqrt(sum (t - mean t)^2)`` for a straight line, propagated
+        through the hat matrix for a polynomial or spline); cell figures are medians with the
+        bootstrap uncertainty of the median (:func:`stemgpu.cell_statistics`); ``std`` is
+        the spread over frames or cells. The jitter rows' notes also give the 68 % interval
+        of the jitter std (:func:`~stemgpu.app.statistics.std_interval`): for few frames the
+        sampling distribution of a standard deviation is skewed and ``s / sqrt(2 (n - p))``
+        understates how far above ``s`` the true value can lie; the drift rows' notes give
+        the 68 % half-width of the rate's Student t distribution (its error scales with the
+        residual std). Smallest and longest side are order statistics of four noisy sides:
+        position noise biases them apart (see ``|a1|``, ``|a2|`` for unbiased side
+        lengths). The rows are built in :mod:`stemgpu.app.summary`.
+        """
+        rows = summary_rows(self)
+        return format_rows(rows) if as_text else rows
+
+    def __str__(self) -> str:
+        return self.summary(as_text=True)
+
+    # ------------------------------------------------------------------ plots
+    def plot_drift(self, ax=None):
+        """Drift trajectory with its smooth fit, and the jitter (see ``DriftReport.plot``)."""
+        if self.drift is None:
+            raise ValueError("plot_drift needs the 'rigid' step; it was not run")
+        return self.drift.plot(ax=ax)
+
+    def plot_columns(self, ax=None):
+        """The registered mean with the refined columns overlaid by species."""
+        from .report import plot_columns
+
+        return plot_columns(self, ax=ax)
+
+    def plot_maps(self):
+        """Maps of tetragonal distortion, shear, rotation and B-site displacement."""
+        from .report import plot_maps
+
+        return plot_maps(self)
+
+    def plot_histograms(self, bins: int = 40):
+        """Histograms of sides, angles, areas, distortions and B-site distance."""
+        from ..lattice.plot import plot_cell_histograms
+
+        if self.cells is None:
+            raise ValueError("plot_histograms needs the 'cells' step; it was not run")
+        return plot_cell_histograms(self.cells, pixel_size=self.pixel_size_pm, bins=bins)
+
+    def plot_report(self, path=None):
+        """One-page report figure (drift, columns, maps, histograms); saved when ``path``."""
+        from .report import plot_report
+
+        return plot_report(self, path=path)
+
+
+class _Clock:
+    """Stage timings (into ``info["timings_s"]``) and the stage progress bar."""
+
+    def __init__(self, info: dict, bar):
+        self.info, self.bar = info, bar
+
+    @contextmanager
+    def stage(self, name: str, label: str) -> Iterator[None]:
+        self.bar.set_postfix_str(label)
+        t0 = time.perf_counter()
+        yield
+        self.info["timings_s"][name] = time.perf_counter() - t0
+        self.bar.update(1)
+
+
+def analyze(stack, *, pixel_size: float | None = None,
+            steps: Sequence[str] = STEPS, backend=None, progress: bool = True,
+            **stage_options) -> Analysis:
+    """Register a stack, fit its atom columns and measure its unit cells, in one call.
+
+    Parameters
+    ----------
+    stack : (n, h, w) or (h, w) array, sidpy.Dataset, or lazy frame source
+        NumPy or CuPy data (a sidpy Dataset from :func:`stemgpu.open` carries its
+        calibration and frame time). A single image allows only ``("atoms", "cells")``. A
+        lazy source (:func:`stemgpu.open_frames`, an h5py dataset, a memmap) is streamed
+        through rigid registration batch by batch and only the registered mean is kept, so a
+        stack larger than memory can be analysed; it needs ``"rigid"`` and no ``"demons"``.
+    pixel_size : float, optional
+        pm per pixel; overrides the data's calibration and is required without one.
+    steps : sequence of {"rigid", "demons", "atoms", "cells"}
+        Stages to run (always in this order). ``"demons"`` needs ``"rigid"``, ``"cells"``
+        needs ``"atoms"``.
+    backend : {"numpy", "cupy", "auto"}, optional
+        See :mod:`stemgpu.backend`; every stage runs on it.
+    progress : bool
+        tqdm progress bars per stage.
+    **stage_options : dict
+        Options per stage, passed on: ``rigid={...}`` to :func:`stemgpu.register_rigid`,
+        ``drift={...}`` to :func:`stemgpu.drift_report` (``frame_time``, ``model``, ...),
+        ``demons={...}`` to :func:`stemgpu.register_demons`, ``cells={...}`` to
+        :func:`stemgpu.unit_cells`, and ``atoms={...}`` with ``sigma``, ``threshold``,
+        ``min_distance`` (peak finding), ``n_classes`` (intensity classes, default 2: A-
+        and B-site), ``names``, ``edge_columns`` (default True: start and fit the O columns
+        of a perovskite at the A-A edge midpoints) and ``model``, ``estimator``,
+        ``window``, ``max_iter``, ``counts_per_unit`` (fitting).
+
+    Returns
+    -------
+    Analysis
+
+    Raises
+    ------
+    ValueError
+        Unknown steps, a missing calibration, a stack too small, or a stage that found
+        nothing to work on (e.g. no atom columns); the message names the stage.
+    TypeError
+        Unknown stage options.
+
+    Examples
+    --------
+    >>> import stemgpu
+    >>> stack, truth = stemgpu.simulate_stack((4, 192, 192), frame_jitter_px=0.3, seed=0)
+    >>> res = stemgpu.analyze(stack, pixel_size=14.6, steps=("rigid", "atoms", "cells"),
+    ...                       progress=False)
+    >>> res.statistics.n_cells > 20
+    True
+    >>> round(res.summary()["a1_length_pm"].value / 10) * 10  # SrTiO3: a = 390.5 pm
+    390
+    """
+    steps = check_steps(steps)
+    opts = check_options(stage_options)
+    prep = stages.prepare_input(stack, steps, pixel_size, backend)
+    be = prep.backend
+    info: dict[str, Any] = {"pixel_size_pm": prep.pixel_size_pm, "steps": list(steps),
+                            "backend": be.name, "device": be.device_name,
+                            "shape": list(prep.shape), "timings_s": {}, "options": opts,
+                            "streamed": prep.streamed}
+    results: dict[str, Any] = {"info": info}
+    bar = progress_bar(progress, total=len(steps), desc="stemgpu", unit="stage", leave=False)
+    clock = _Clock(info, bar)
+    try:
+        current, flagged = prep.data, None
+        if "rigid" in steps:
+            with clock.stage("rigid", "rigid registration"):
+                results["rigid"], results["drift"], current, flagged = stages.rigid_stage(
+                    prep, opts.get("rigid", {}), opts.get("drift", {}), progress)
+        if "demons" in steps:
+            with clock.stage("demons", "demons registration"):
+                demons, kept = stages.demons_stage(current, flagged, be,
+                                                   opts.get("demons", {}), progress)
+                if kept is not None:
+                    info["demons_frames"] = kept
+                results["demons"] = demons
+                current, flagged = demons.registered, None
+        results["mean_image"] = stages.registered_mean(current, flagged, be)
+        if "atoms" in steps:
+            with clock.stage("atoms", "atom columns"):
+                results["atoms"], results["species"] = stages.atoms_stage(
+                    results["mean_image"], opts.get("atoms", {}), be,
+                    cells_options=opts.get("cells", {}))
+        if "cells" in steps:
+            with clock.stage("cells", "unit cells"):
+                results["cells"], results["statistics"] = stages.cells_stage(
+                    results["atoms"], results["species"], prep.pixel_size_pm,
+                    opts.get("cells", {}), names=opts.get("atoms", {}).get("names"))
+    finally:
+        bar.close()  # also on errors: no half-drawn bar before the message
+    return Analysis(results)

@@ -1,0 +1,105 @@
+"""``stemgpu run``: read a microscope file, analyse it, print the summary, save the results."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import EXIT_FAILED, EXIT_OK
+from .paths import check_output_paths
+from .steps import STEPS
+
+__all__ = ["read_input", "run_file"]
+
+
+def read_input(path: str, *, pixel_size: float | None = None):
+    """Open ``path`` as a calibrated sidpy Dataset: Nion ``.ndata1``/``.h5`` or pyNSID HDF5.
+
+    Raises ``ValueError`` with a one-line message naming the file for anything else
+    (``FileNotFoundError`` / ``IsADirectoryError`` for a missing file or a folder).
+    """
+    from ..io.nion import NionFormatError, read_nion
+    from ..io.nsid import read_nsid_or_raise
+    from ..io.results import is_results_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, not a data file")
+    if is_results_file(path):
+        raise ValueError(f"{path}: a stemgpu results file (written by stemgpu.save), not "
+                         "microscope data; open it with stemgpu.load in Python")
+    try:
+        return read_nion(path, lazy=False, pixel_size=pixel_size)
+    except NionFormatError as nion_error:
+        return read_nsid_or_raise(path, nion_error)
+
+
+def _frame_source(path: str, pixel_size):
+    """A lazy Nion stack of >= 3 frames (streamed by rigid registration), else None."""
+    from ..io.nion import NionFormatError, open_frames
+
+    if not os.path.isfile(path):
+        return None  # read_input reports missing files, folders and results files
+    try:
+        source = open_frames(path, pixel_size=pixel_size)
+    except (NionFormatError, ValueError, OSError):
+        return None  # read_input reports the problem in its own words
+    if len(source.shape) != 3 or source.shape[0] < 3:
+        source.close()
+        return None
+    return source
+
+
+def _steps_for(ds, steps: tuple[str, ...], path, say) -> tuple[str, ...]:
+    """The steps the data allows: a single image drops the registration steps."""
+    if ds.ndim == 2 and {"rigid", "demons"} & set(steps):
+        steps = tuple(s for s in steps if s not in ("rigid", "demons"))
+        say(f"{path}: a single image; running {', '.join(steps) or 'nothing'}")
+        if not steps:
+            raise ValueError("--steps: rigid/demons need an image stack; this file holds one "
+                             "image")
+    if ds.ndim == 3 and ds.shape[0] < 3 and "rigid" in steps:
+        raise ValueError(f"{path}: {ds.shape[0]} frame(s); rigid registration needs at least 3 "
+                         "(use --steps atoms,cells to fit the mean of these frames)")
+    return steps
+
+
+def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
+             quiet=False, figure=None) -> int:
+    """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
+    from ..backend import to_host
+    from ..io.results import save
+    from .analysis import analyze
+    from .report import save_report
+
+    say = print if not quiet else (lambda *a, **k: None)
+    out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
+    if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
+        raise ValueError(f"--out {out}: would overwrite the input file")
+    check_output_paths(out, figure)
+    steps = tuple(steps)
+    source = _frame_source(os.fspath(path), pixel_size) if "demons" not in steps \
+        and "rigid" in steps else None
+    ds = source if source is not None else read_input(os.fspath(path), pixel_size=pixel_size)
+    steps = _steps_for(ds, steps, path, say)
+    if source is not None:
+        say(f"{path}: streaming the frames from disk (only the registered mean is kept)")
+    try:
+        analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
+                           progress=not quiet)
+    finally:
+        if source is not None:
+            source.close()
+    say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
+    say(analysis.summary(as_text=True))
+    save(analysis, out, overwrite=True, source=os.fspath(path))
+    say(f"results: {os.path.abspath(out)}")
+    if figure:
+        say(f"report figure: {save_report(analysis, figure)}")
+    if analysis.atoms is not None:
+        ok = to_host(analysis.atoms.status) == 0
+        if not ok.any():
+            print(f"stemgpu: {path}: no atom column fit converged", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK

@@ -1,0 +1,278 @@
+"""The stages of :func:`stemgpu.analyze`, one function each, on the results of the earlier ones.
+
+``prepare_input`` (validation, calibration, backend) -> ``rigid_stage`` (registration and
+drift; a lazy stack is streamed and only its registered mean kept) -> ``demons_stage`` ->
+``registered_mean`` -> ``atoms_stage`` (find, fit, label, O columns, refit) -> ``cells_stage``
+(unit cells and their statistics). Each raises :class:`~stemgpu.app.errors.AnalysisError`
+when it ran but found nothing usable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, resolve_pixel_size
+from ..backend import Backend, resolve_backend, to_host
+from .errors import AnalysisError
+
+__all__ = ["Prepared", "atoms_stage", "cells_stage", "demons_stage", "prepare_input",
+           "registered_mean", "rigid_stage"]
+
+_FIT_OPTIONS = ("model", "estimator", "window", "max_iter", "counts_per_unit")
+_A_CELL_OPTIONS = ("angle_tolerance_deg", "side_tolerance", "parallelogram_tolerance")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The validated input of an analysis."""
+
+    data: Any  #: the stack or image on the backend, or the lazy frame source itself
+    backend: Backend
+    pixel_size_pm: float
+    shape: tuple[int, ...]
+    frame_time_s: float | None
+    streamed: bool  #: a lazy source, streamed through rigid registration
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def prepare_input(stack, steps, pixel_size, backend) -> Prepared:
+    """Check the data against the steps, find its calibration and frame time, pick the backend."""
+    frame_time = frame_time_of(stack) if is_sidpy_dataset(stack) else None
+    ndim = len(getattr(stack, "shape", np.shape(stack)))
+    if is_frame_source(stack):
+        be, px, frame_time = _check_frame_source(stack, steps, pixel_size, backend)
+        return Prepared(stack, be, px, tuple(int(x) for x in stack.shape), frame_time, True)
+    if ndim == 2:
+        if {"rigid", "demons"} & set(steps):
+            raise ValueError("steps 'rigid'/'demons' need a stack (frames, rows, cols); "
+                             "got a single image: use steps=('atoms', 'cells')")
+        cal = as_image(stack, name="stack", backend=backend)
+    else:
+        cal = as_stack(stack, name="stack", min_frames=1 if "rigid" not in steps else 3,
+                       backend=backend)
+    px = resolve_pixel_size(pixel_size, cal.pixel_size_pm, required=True, what="analyze")
+    return Prepared(cal.data, cal.backend, px, tuple(int(x) for x in cal.data.shape),
+                    frame_time, False)
+
+
+def _check_frame_source(stack, steps, pixel_size, backend):
+    if len(stack.shape) != 3:
+        raise ValueError(f"stack: a lazy source must be a (frames, rows, cols) stack; got "
+                         f"shape {tuple(stack.shape)}")
+    if "demons" in steps or "rigid" not in steps:
+        raise ValueError("steps: a lazy stack (e.g. stemgpu.open_frames) is analysed by "
+                         "streaming 'rigid' and keeping only the registered mean: use steps "
+                         "without 'demons' (e.g. ('rigid', 'atoms', 'cells')), or load it "
+                         "into memory first")
+    px = resolve_pixel_size(pixel_size, getattr(stack, "pixel_size_pm", None), required=True,
+                            what="analyze")
+    meta = dict(getattr(stack, "metadata", {}) or {})
+    frame_time = meta.get("frame_time_s")
+    return resolve_backend(backend), px, (float(frame_time) if frame_time else None)
+
+
+def frame_time_of(dataset) -> float | None:
+    """Frame time (s) of a sidpy stack: its metadata, else a frame axis calibrated in s."""
+    meta = dict(getattr(dataset, "metadata", {}) or {})
+    if meta.get("frame_time_s"):
+        return float(meta["frame_time_s"])
+    if getattr(dataset, "ndim", 0) != 3:
+        return None
+    try:
+        axis = dataset._axes[0]
+        unit = str(getattr(axis, "units", "")).strip().lower()
+        values = np.asarray(axis.values, dtype=float)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if unit in ("s", "sec", "second", "seconds") and len(values) > 1:
+        step = float(np.median(np.diff(values)))
+        return step if np.isfinite(step) and step > 0 else None
+    return None
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mapping[str, Any],
+                progress: bool):
+    """Rigid registration onto the mean and the drift report.
+
+    Returns ``(rigid, drift, registered, flagged)``: the registered stack (or, for a
+    streamed source, the mean of its unflagged registered frames, with ``flagged`` None).
+    """
+    from ..registration.drift import drift_report
+    from ..registration.rigid import register_rigid
+
+    be = prep.backend
+    rigid = register_rigid(prep.data, pixel_size=prep.pixel_size_pm, progress=progress,
+                           backend=be, **{"keep_registered": not prep.streamed, **options})
+    flagged = to_host(rigid.flagged).astype(bool)
+    if (~flagged).sum() < 3:
+        raise AnalysisError(
+            f"rigid: {int(flagged.sum())} of {len(flagged)} frames were flagged as failed "
+            "registrations; fewer than 3 usable frames are left for the drift fit")
+    drift = drift_report(rigid, **{"frame_time": prep.frame_time_s, **drift_options})
+    if prep.streamed:
+        # Nothing but the mean is kept: the stack may be larger than memory.
+        return rigid, drift, _streamed_mean(prep.data, rigid, be, flagged), None
+    return rigid, drift, rigid.registered, flagged
+
+
+def _streamed_mean(stack, rigid, be, flagged):
+    """Mean of the registered frames that were not flagged, read and shifted batch by batch."""
+    from ..registration.rigid import apply_shifts
+
+    if not flagged.any():
+        return be.asarray(rigid.mean)
+    xp = be.xp
+    n = int(stack.shape[0])
+    shifts = np.asarray(rigid.shifts, dtype=float)
+    order = rigid.parameters.get("order", "fourier")
+    batch = max(1, int(rigid.parameters.get("batch_size") or 8))
+    acc = None
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        keep = np.flatnonzero(~flagged[start:stop])
+        if len(keep) == 0:
+            continue
+        frames = np.asarray(stack[start:stop], dtype=np.float32)[keep]
+        moved = apply_shifts(frames, shifts[start + keep], order=order, backend=be)
+        part = moved.sum(axis=0, dtype=xp.float64)
+        acc = part if acc is None else acc + part
+    return (acc / float((~flagged).sum())).astype(xp.float32)
+
+
+def demons_stage(registered, flagged, be: Backend, options: Mapping[str, Any], progress: bool):
+    """Demons registration of the rigidly registered frames onto their mean.
+
+    Failed frames stay out of the demons reference and of the mean. Returns
+    ``(demons, kept)``: ``kept`` lists the frames registered when some were left out, else
+    None.
+    """
+    from ..registration.demons import register_demons
+
+    kept = None
+    if flagged is not None and flagged.any():
+        kept = np.flatnonzero(~flagged)
+        registered = registered[be.asarray(kept)]
+        kept = kept.tolist()
+    demons = register_demons(registered, progress=progress, backend=be, **options)
+    return demons, kept
+
+
+def registered_mean(current, flagged, be: Backend):
+    """The float32 mean of the unflagged registered frames (an image passes through)."""
+    xp = be.xp
+    if current.ndim == 3:
+        keep = np.ones(current.shape[0], dtype=bool) if flagged is None else ~flagged
+        mean = current[be.asarray(np.flatnonzero(keep))].mean(axis=0) if not keep.all() \
+            else current.mean(axis=0)
+    else:
+        mean = current
+    return xp.asarray(mean, dtype=xp.float32)
+
+
+# ---------------------------------------------------------------------------- columns, cells
+
+
+def _fit_options(options: Mapping[str, Any]) -> dict:
+    return {k: options[k] for k in _FIT_OPTIONS if k in options}
+
+
+def _find_and_fit(image, options: Mapping[str, Any], be, n_classes: int):
+    """Peaks, then a first fit of every column; returns (start, fit, fit keywords, sigma)."""
+    from ..atoms.find import find_atoms
+    from ..atoms.fit import fit_atoms
+
+    found = find_atoms(image, sigma=options.get("sigma"),
+                       threshold=options.get("threshold", 0.03),
+                       min_distance=options.get("min_distance"), backend=be)
+    start = to_host(found.positions)
+    if len(start) < max(4, n_classes):
+        raise AnalysisError(f"atoms: found {len(start)} column(s) in the registered mean; need at "
+                            "least 4 (check pixel_size, or pass atoms={'sigma': ..., "
+                            "'threshold': ...})")
+    sigma = float(found.parameters["sigma"])
+    # No nested bar per fitting pass: the stage bar says "atom columns" already.
+    fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options)}
+    first = fit_atoms(image, start, **fit_kw)
+    ok = to_host(first.status) == 0
+    if ok.sum() < max(4, n_classes):
+        hint = ""
+        if float(image.min()) < 0:
+            hint = ("; the image has negative values (offset-corrected data?): the Poisson "
+                    "fit needs counts - add the dark level back")
+        raise AnalysisError(f"atoms: only {int(ok.sum())} of {len(ok)} column fits converged "
+                            f"({first.status_counts()}){hint}")
+    return start, first, fit_kw, sigma
+
+
+def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
+    """Find, fit, label; then add the perovskite O columns and refit all together.
+
+    Returns ``(fit, species)``.
+    """
+    from ..atoms.fit import fit_atoms
+    from ..lattice.cells import unit_cells
+    from ..lattice.sublattice import assign_by_intensity, cell_edge_midpoints
+
+    n_classes = int(options.get("n_classes", 2))
+    names = options.get("names")
+    start, first, fit_kw, sigma = _find_and_fit(image, options, be, n_classes)
+    ok = to_host(first.status) == 0
+    pos = to_host(first.positions)
+    amp = to_host(first.param("amplitude"))
+    labels = np.full(len(pos), "-", dtype=object)
+    labels[ok] = assign_by_intensity(amp[ok], n_classes=n_classes, names=names)
+    labels = labels.astype(str)
+    if not options.get("edge_columns", True) or n_classes != 2:
+        return first, labels
+    a_name = names[0] if names else "A"
+    a_ok = ok & (labels == a_name)
+    # The O columns sit at the edge midpoints of the A-site cells.
+    try:
+        a_cells = unit_cells(pos[a_ok], **{k: v for k, v in cells_options.items()
+                                           if k in _A_CELL_OPTIONS})
+    except ValueError:
+        return first, labels  # no square A-site lattice: nothing to complete
+    mids = cell_edge_midpoints(a_cells, merge_distance=0.25 * sigma + 0.5)
+    if len(mids) == 0:
+        return first, labels
+    # Start the known columns from their first-pass fits (failed ones from the peak).
+    start2 = np.where(np.isfinite(pos), pos, start)
+    allpos = np.concatenate([start2, mids])
+    all_labels = np.concatenate([labels, np.full(len(mids), "O")])
+    second = fit_atoms(image, allpos, **fit_kw)
+    return second, all_labels
+
+
+def cells_stage(fit, species, px, options, names=None):
+    """Unit cells of the converged A- and B-site columns and their statistics."""
+    from ..lattice.cells import unit_cells
+    from ..lattice.stats import cell_statistics
+
+    ok = to_host(fit.status) == 0
+    species = np.asarray(species)
+    labels = sorted(set(species[ok]) - {"O", "-"})
+    if names is not None and len(names) > 2:  # a third named class (e.g. "O") is not a cell
+        labels = [x for x in labels if x in {str(n) for n in names[:2]}]
+    use = ok & np.isin(species, labels)
+    pos = to_host(fit.positions)[use]
+    kw = dict(options)
+    if names is not None and len(names) >= 2:
+        kw.setdefault("a_site", str(names[0]))
+        kw.setdefault("b_site", str(names[1]))
+    try:
+        cells = unit_cells(pos, species=species[use], pixel_size=px, **kw)
+    except ValueError as exc:
+        raise AnalysisError(f"cells: {exc}") from None
+    if cells.n_cells < 2:
+        raise AnalysisError(f"cells: found {cells.n_cells} unit cell(s) among {len(pos)} fitted "
+                            "columns; need at least 2 for statistics")
+    return cells, cell_statistics(cells, pixel_size=px)
