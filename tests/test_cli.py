@@ -102,12 +102,19 @@ class _no_raise:
         return False
 
 
-def test_unavailable_backend_exit_code(nion_file, tmp_path, capsys):
-    if "available" == stemgpu.available_backends().get("cupy"):
-        pytest.skip("CuPy is usable here")
+def test_unavailable_backend_exit_code(nion_file, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from stemgpu.backend import _clear_caches
+
+    # A machine without CuPy, also where CuPy (or its test stand-in) is usable.
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.delenv("STEMGPU_CUPY_STANDIN", raising=False)
+    _clear_caches()
     rc = main(["run", str(nion_file), "--backend", "cupy", "--out", str(tmp_path / "x.h5")])
     assert rc == EXIT_BACKEND
     assert "cupy" in _one_line_error(capsys).lower()
+    _clear_caches()
 
 
 def test_info_and_bench(capsys):
