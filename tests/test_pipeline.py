@@ -104,6 +104,8 @@ def test_single_image_and_stack_paths_agree_on_lattice():
     ({"foo": {}}, TypeError, "unexpected keyword 'foo'"),
     ({"atoms": {"sigmaa": 2}}, TypeError, "unknown option"),
     ({"atoms": 3}, TypeError, "must be a dict"),
+    ({"steps": ("atoms", "track")}, ValueError, "'track' needs 'rigid' and 'atoms'"),
+    ({"track": {"jumpz": 3}}, TypeError, "unknown option"),
 ])
 def test_bad_options_name_the_problem(kwargs, exc, match):
     stack = np.ones((4, 32, 32))
@@ -195,3 +197,37 @@ def test_jitter_rows_state_their_interval():
     assert rate.note.startswith("t with 4 dof")
     half = float(rate.note.split("+-")[1])
     assert half == pytest.approx(1.1417 * rate.uncertainty, rel=2e-3)  # t(4) at 84.13 %
+
+
+def test_track_step_checks_the_error_bars_and_survives_a_round_trip(tmp_path):
+    stack, _ = stemgpu.simulate_stack((6, 160, 160), frame_jitter_px=0.3, seed=9)
+    stack[2] = np.random.default_rng(1).poisson(20.0, stack[2].shape)  # a failed frame
+    res = analyze(stack, pixel_size=14.6, progress=False,
+                  steps=("rigid", "atoms", "cells", "track"))
+    tracks = res.tracks
+    assert tracks.parameters["frames"] == [0, 1, 3, 4, 5]  # the flagged frame stays out
+    assert tracks.positions.shape[:2] == (5, int((np.asarray(res.atoms.status) == 0).sum()))
+    for r in tracks.calibration.values():  # rigid frames, estimated gain: near 1
+        assert 0.7 < r.ratio < 1.3, str(r)
+    rows = res.summary()
+    assert {"calibration_ratio_A", "columns_flagged", "frames_flagged",
+            "lattice_drift_a1_length_pm"} <= set(rows)
+    assert not res.frame_series.trends["a1_length_pm"].significant
+    stemgpu.save(res, tmp_path / "r.h5")
+    back = stemgpu.load(tmp_path / "r.h5")
+    np.testing.assert_array_equal(back.tracks.positions, tracks.positions)
+    assert back.tracks.calibration["A"] == tracks.calibration["A"]
+    assert back.summary(as_text=True) == res.summary(as_text=True)
+
+
+def test_streamed_stack_is_tracked_batch_by_batch(tmp_path):
+    stack, _ = stemgpu.simulate_stack((5, 128, 128), frame_jitter_px=0.3, seed=10)
+    path = tmp_path / "s.npy"
+    np.save(path, stack.astype("float32"))
+    source = np.load(path, mmap_mode="r")  # a memmap: a lazy frame source
+    kw = dict(pixel_size=14.6, progress=False, steps=("rigid", "atoms", "track"),
+              track={"counts_per_unit": 1, "batch_frames": 2})
+    streamed = analyze(source, **kw)
+    memory = analyze(stack.astype("float32"), **kw)
+    np.testing.assert_array_equal(streamed.tracks.status, memory.tracks.status)
+    np.testing.assert_allclose(streamed.tracks.positions, memory.tracks.positions, atol=2e-3)

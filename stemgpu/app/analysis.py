@@ -22,6 +22,12 @@ Stages (each a function of :mod:`stemgpu.app.stages`)
 ``"cells"``
     :func:`stemgpu.unit_cells` on the converged A- and B-site columns and
     :func:`stemgpu.cell_statistics` (medians with bootstrap uncertainties).
+``"track"`` (asked for; not in the default steps)
+    :func:`stemgpu.track_columns`: every converged column of the mean's fit in every usable
+    rigidly registered frame (``track={"frames": "demons"}`` for the demons-registered ones,
+    whose warps absorb part of the frame noise), the calibration ratio of the error bars
+    per species, flagged columns and frames; :func:`stemgpu.frame_series`: the unit cells of
+    every frame and the drift of the lattice over the series.
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ class Analysis:
         (:class:`~stemgpu.registration.demons.DemonsResult`), ``"mean_image"`` (the
         registered mean), ``"atoms"`` (:class:`~stemgpu.atoms.fit.AtomFit`), ``"species"``
         (label per fitted column), ``"cells"``
-        (:class:`~stemgpu.lattice.cells.UnitCells`) and ``"statistics"``
-        (:class:`~stemgpu.lattice.stats.CellStatistics`).
+        (:class:`~stemgpu.lattice.cells.UnitCells`), ``"statistics"``
+        (:class:`~stemgpu.lattice.stats.CellStatistics`) and, with the ``"track"`` step,
+        ``"tracks"`` (:class:`~stemgpu.atoms.track.ColumnTracks`) and ``"frame_series"``
+        (:class:`~stemgpu.lattice.series.FrameSeries`, or None).
 
     The stage results are also attributes (``analysis.rigid``, ``analysis.cells``, ...;
     ``None`` for a stage not run). ``stemgpu.load`` rebuilds an Analysis from a saved file.
@@ -64,7 +72,7 @@ class Analysis:
 
     def __getattr__(self, name: str):
         if name in ("rigid", "drift", "demons", "mean_image", "atoms", "species", "cells",
-                    "statistics", "info"):
+                    "statistics", "tracks", "frame_series", "info"):
             return self.__dict__["results"].get(name)
         raise AttributeError(f"'Analysis' object has no attribute {name!r}")
 
@@ -132,6 +140,12 @@ class Analysis:
             raise ValueError("plot_histograms needs the 'cells' step; it was not run")
         return plot_cell_histograms(self.cells, pixel_size=self.pixel_size_pm, bins=bins)
 
+    def plot_tracks(self):
+        """Scatter map, calibration ratios and lattice time series of the ``"track"`` step."""
+        from .report import plot_tracks
+
+        return plot_tracks(self)
+
     def plot_report(self, path=None):
         """One-page report figure (drift, columns, maps, histograms); saved when ``path``."""
         from .report import plot_report
@@ -169,9 +183,10 @@ def analyze(stack, *, pixel_size: float | None = None,
         stack larger than memory can be analysed; it needs ``"rigid"`` and no ``"demons"``.
     pixel_size : float, optional
         pm per pixel; overrides the data's calibration and is required without one.
-    steps : sequence of {"rigid", "demons", "atoms", "cells"}
-        Stages to run (always in this order). ``"demons"`` needs ``"rigid"``, ``"cells"``
-        needs ``"atoms"``.
+    steps : sequence of {"rigid", "demons", "atoms", "cells", "track"}
+        Stages to run (always in this order; default the first four). ``"demons"`` needs
+        ``"rigid"``, ``"cells"`` needs ``"atoms"``, ``"track"`` needs ``"rigid"`` and
+        ``"atoms"``.
     backend : {"numpy", "cupy", "auto"}, optional
         See :mod:`stemgpu.backend`; every stage runs on it.
     progress : bool
@@ -184,7 +199,9 @@ def analyze(stack, *, pixel_size: float | None = None,
         ``min_distance`` (peak finding), ``n_classes`` (intensity classes, default 2: A-
         and B-site), ``names``, ``edge_columns`` (default True: start and fit the O columns
         of a perovskite at the A-A edge midpoints) and ``model``, ``estimator``,
-        ``window``, ``max_iter``, ``counts_per_unit`` (fitting).
+        ``window``, ``max_iter``, ``counts_per_unit`` (fitting); ``track={...}`` to
+        :func:`stemgpu.track_columns` (``counts_per_unit`` of the frames, thresholds,
+        ``batch_frames``) and :func:`stemgpu.frame_series` (``min_cells``, ``alpha``).
 
     Returns
     -------
@@ -245,6 +262,12 @@ def analyze(stack, *, pixel_size: float | None = None,
                 results["cells"], results["statistics"] = stages.cells_stage(
                     results["atoms"], results["species"], prep.pixel_size_pm,
                     opts.get("cells", {}), names=opts.get("atoms", {}).get("names"))
+        if "track" in steps:
+            with clock.stage("track", "column tracking"):
+                results["tracks"], results["frame_series"] = stages.track_stage(
+                    prep, results["rigid"], results.get("demons"), results["atoms"],
+                    results["species"], opts.get("track", {}), opts.get("cells", {}),
+                    opts.get("atoms", {}).get("names"), progress)
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
     return Analysis(results)

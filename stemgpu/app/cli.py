@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, AnalysisError
-from .steps import STEPS, parse_step_names
+from .steps import ALL_STEPS, STEPS, parse_step_names
 
 __all__ = ["EXIT_BACKEND", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE",
            "build_parser", "main"]
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None, help="report figure (PNG)")
     p.add_argument("--backend", default=None, help=backend_help)
     p.add_argument("--steps", type=_parse_steps, default=STEPS,
-                   help="comma-separated subset of " + ",".join(STEPS))
+                   help="comma-separated subset of " + ",".join(ALL_STEPS)
+                   + " (default " + ",".join(STEPS) + ")")
     p.add_argument("--pixel-size", type=_positive_float, default=None,
                    help="pixel size in pm (overrides the file's calibration)")
     p.add_argument("--quiet", action="store_true")

@@ -157,6 +157,87 @@ def _histograms(analysis, axes):
         ax.legend(fontsize="small")
 
 
+def plot_tracks(analysis, axes=None):
+    """Column tracking: scatter map, calibration ratios and the lattice over the frames.
+
+    Three panels: the registered mean with every tracked column coloured by its frame
+    scatter over its predicted error (flagged columns ringed in red); the calibration ratio
+    per species with its 68 % interval (1 means the error bars are right); the median
+    ``|a1|`` and ``|a2|`` per frame with their uncertainties and fitted trends.
+
+    Parameters
+    ----------
+    analysis : Analysis
+        With the ``"track"`` step.
+    axes : sequence of 3 matplotlib Axes, optional
+
+    Returns
+    -------
+    list of matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import stemgpu
+    >>> stack, truth = stemgpu.simulate_stack((5, 128, 128), seed=2)
+    >>> res = stemgpu.analyze(stack, pixel_size=14.6, progress=False,
+    ...                       steps=("rigid", "atoms", "cells", "track"))
+    >>> from stemgpu.app.report import plot_tracks
+    >>> len(plot_tracks(res))
+    3
+    """
+    import matplotlib.pyplot as plt
+
+    tracks = analysis.tracks
+    if tracks is None:
+        raise ValueError("plot_tracks needs the 'track' step; it was not run")
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(16, 5), layout="constrained")
+    ax_map, ax_cal, ax_ser = axes
+    ax_map.imshow(to_host(_mean_image(analysis)), cmap="gray")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.sqrt(np.mean(np.square(tracks.scatter / tracks.predicted), axis=1))
+    pos = tracks.mean_positions
+    art = ax_map.scatter(pos[:, 1], pos[:, 0], c=ratio, cmap="coolwarm", vmin=0.5, vmax=1.5,
+                         s=10)
+    bad = tracks.column_flags != 0
+    ax_map.scatter(tracks.positions[0, bad, 1], tracks.positions[0, bad, 0], s=60,
+                   facecolors="none", edgecolors="red", label=f"flagged ({int(bad.sum())})")
+    ax_map.figure.colorbar(art, ax=ax_map, label="frame scatter / predicted error")
+    ax_map.set_title(f"{pos.shape[0]} columns tracked over {tracks.n_frames} frames")
+    ax_map.legend(loc="lower right", fontsize="small")
+    ax_map.set_axis_off()
+    names = list(tracks.calibration)
+    vals = [tracks.calibration[n].ratio for n in names]
+    lo = [tracks.calibration[n].ratio - tracks.calibration[n].low for n in names]
+    hi = [tracks.calibration[n].high - tracks.calibration[n].ratio for n in names]
+    ax_cal.bar(names, vals, yerr=[lo, hi], color="0.7", capsize=6)
+    ax_cal.axhline(1.0, color="C3", lw=1)
+    ax_cal.set_ylabel("calibration ratio")
+    ax_cal.set_title("error bars against the frames (1 = right)")
+    series = analysis.frame_series
+    if series is None:
+        ax_ser.text(0.5, 0.5, tracks.parameters.get("frame_series", "no frame series"),
+                    ha="center", va="center", wrap=True, transform=ax_ser.transAxes)
+        ax_ser.set_axis_off()
+        return list(axes)
+    for key, label in (("a1_length_pm", "|a1|"), ("a2_length_pm", "|a2|")):
+        if key not in series.values:
+            continue
+        t = series.trends[key]
+        ax_ser.errorbar(series.frames, series.values[key], yerr=series.uncertainties[key],
+                        fmt="o", ms=4, label=f"{label}: {t.slope:+.3g} +/- "
+                                             f"{t.slope_error:.2g} pm/frame")
+        f = np.asarray(series.frames, dtype=float)
+        ax_ser.plot(f, t.level + t.slope * (f - f.mean()), color="0.3", lw=1)
+    ax_ser.set_xlabel("frame")
+    ax_ser.set_ylabel("median side (pm)")
+    ax_ser.set_title("lattice over the frames")
+    ax_ser.legend(fontsize="small")
+    return list(axes)
+
+
 def plot_report(analysis, path=None, *, dpi: int = 110):
     """One-page report of an analysis; panels for the stages that ran.
 
@@ -186,9 +267,12 @@ def plot_report(analysis, path=None, *, dpi: int = 110):
     import matplotlib.pyplot as plt
 
     has_cells = analysis.cells is not None
-    fig = plt.figure(figsize=(16, 15 if has_cells else 5.5), layout="constrained")
-    rows = 3 if has_cells else 1
-    grid = fig.add_gridspec(rows, 4, height_ratios=[1.3, 1.3, 0.8][:rows])
+    has_tracks = analysis.tracks is not None
+    heights = [1.3] + ([1.3, 0.8] if has_cells else []) + ([1.0] if has_tracks else [])
+    fig = plt.figure(figsize=(16, 4.2 + 10.8 * has_cells + 4.5 * has_tracks),
+                     layout="constrained")
+    rows = len(heights)
+    grid = fig.add_gridspec(rows, 4, height_ratios=heights)
     ax_drift = fig.add_subplot(grid[0, 0:2])
     ax_cols = fig.add_subplot(grid[0, 2:4])
     if analysis.drift is not None:
@@ -203,6 +287,10 @@ def plot_report(analysis, path=None, *, dpi: int = 110):
         plot_maps(analysis, axes=maps)
         hists = [fig.add_subplot(grid[2, k]) for k in range(4)]
         _histograms(analysis, hists)
+    if has_tracks:
+        plot_tracks(analysis, axes=[fig.add_subplot(grid[rows - 1, 0:2]),
+                                    fig.add_subplot(grid[rows - 1, 2]),
+                                    fig.add_subplot(grid[rows - 1, 3])])
     info = analysis.info or {}
     fig.suptitle(f"stemgpu report: {info.get('shape')} at {analysis.pixel_size_pm:g} pm/px, "
                  f"backend {info.get('backend')}")

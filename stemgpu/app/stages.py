@@ -19,8 +19,8 @@ from .._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, res
 from ..backend import Backend, resolve_backend, to_host
 from .errors import AnalysisError
 
-__all__ = ["Prepared", "atoms_stage", "cells_stage", "demons_stage", "prepare_input",
-           "registered_mean", "rigid_stage"]
+__all__ = ["Prepared", "RegisteredFrames", "atoms_stage", "cells_stage", "demons_stage",
+           "prepare_input", "registered_mean", "rigid_stage", "track_stage"]
 
 _FIT_OPTIONS = ("model", "estimator", "window", "max_iter", "counts_per_unit")
 _A_CELL_OPTIONS = ("angle_tolerance_deg", "side_tolerance", "parallelogram_tolerance")
@@ -276,3 +276,93 @@ def cells_stage(fit, species, px, options, names=None):
         raise AnalysisError(f"cells: found {cells.n_cells} unit cell(s) among {len(pos)} fitted "
                             "columns; need at least 2 for statistics")
     return cells, cell_statistics(cells, pixel_size=px)
+
+
+# ---------------------------------------------------------------------------- tracking
+
+
+class RegisteredFrames:
+    """A lazy stack of rigidly registered frames: read from the source and shifted on access.
+
+    What ``track`` fits when the input was streamed (nothing but the mean was kept): frames
+    are read from the lazy source and shifted by their rigid shifts one batch at a time.
+    ``frames`` lists the source frames used (the unflagged ones).
+    """
+
+    def __init__(self, source, shifts, order, frames, backend):
+        self.source, self.order, self.backend = source, order, backend
+        self.frames = np.asarray(frames, dtype=np.int64)
+        self.shifts = np.asarray(shifts, dtype=float)[self.frames]
+        self.shape = (len(self.frames), *tuple(int(x) for x in source.shape[1:]))
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        from ..registration.rigid import apply_shifts
+
+        if not isinstance(key, slice):
+            raise TypeError("RegisteredFrames supports frame slices only")
+        sel = range(*key.indices(self.shape[0]))
+        idx = self.frames[list(sel)]
+        raw = np.asarray(self.source[int(idx[0]):int(idx[-1]) + 1], dtype=np.float32) \
+            if len(idx) else np.empty((0, *self.shape[1:]), np.float32)
+        raw = raw[idx - idx[0]] if len(idx) else raw
+        moved = apply_shifts(raw, self.shifts[list(sel)], order=self.order,
+                             backend=self.backend)
+        return to_host(moved).astype(np.float32, copy=False)
+
+
+def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[str, Any],
+                cells_options: Mapping[str, Any], names, progress):
+    """Every column of the mean's fit in every usable registered frame, and the frame series.
+
+    ``options["frames"]``: ``"rigid"`` (default) tracks the rigidly registered frames, whose
+    scatter is an independent check of the error bars (scan noise the registration left
+    shows as a ratio above 1); ``"demons"`` the demons-registered ones, whose warps follow
+    part of each frame's noise (the ratio is then no independent check). Returns
+    ``(tracks, series)``; ``series`` is None when no frame has enough unit cells (the reason
+    is then in ``tracks.parameters["frame_series"]``).
+    """
+    from ..atoms.track import track_columns
+    from ..lattice.series import frame_series
+
+    series_keys = ("min_cells", "alpha", "frames")
+    track_kw = {k: v for k, v in options.items() if k not in series_keys}
+    which = options.get("frames", "rigid")
+    if which not in ("rigid", "demons"):
+        raise ValueError(f"track frames must be one of 'rigid', 'demons'; got {which!r}")
+    flagged = to_host(rigid.flagged).astype(bool)
+    keep = np.flatnonzero(~flagged)
+    if which == "demons":
+        if demons is None:
+            raise ValueError("track frames='demons' needs the 'demons' step")
+        frames = demons.registered  # demons registered the unflagged frames only
+    elif prep.streamed:
+        frames = RegisteredFrames(prep.data, rigid.shifts, rigid.parameters.get(
+            "order", "fourier"), keep, prep.backend)
+    else:
+        frames = rigid.registered if not flagged.any() \
+            else rigid.registered[prep.backend.asarray(keep)]
+    if len(keep) < 3:
+        raise AnalysisError(f"track: {len(keep)} usable registered frame(s); need at least 3")
+    ok = to_host(fit.status) == 0
+    labels = np.asarray(species).astype(str)[ok]
+    try:
+        tracks = track_columns(frames, fit, species=labels, progress=progress,
+                               backend=prep.backend, **track_kw)
+    except ValueError as exc:
+        raise AnalysisError(f"track: {exc}") from None
+    tracks.parameters["frames"] = keep.tolist()
+    tracks.parameters["registration"] = which
+    corner = [str(n) for n in names[:2]] if names is not None and len(names) >= 2 else None
+    try:
+        series = frame_series(tracks, pixel_size=prep.pixel_size_pm, species=corner,
+                              cell_options={k: v for k, v in cells_options.items()
+                                            if k in _A_CELL_OPTIONS},
+                              **{k: options[k] for k in series_keys if k in options})
+    except ValueError as exc:
+        tracks.parameters["frame_series"] = f"not measured: {exc}"
+        series = None
+    return tracks, series

@@ -7,6 +7,8 @@ Examples
 >>> from stemgpu.app.steps import STEPS, check_steps, parse_step_names
 >>> STEPS
 ('rigid', 'demons', 'atoms', 'cells')
+>>> ALL_STEPS
+('rigid', 'demons', 'atoms', 'cells', 'track')
 >>> parse_step_names("cells, atoms")
 ('cells', 'atoms')
 >>> check_steps(("cells", "atoms"))  # run order, dependencies checked
@@ -18,11 +20,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["ATOM_OPTIONS", "DRIFT_OPTIONS", "STEPS", "check_options", "check_steps",
-           "parse_step_names"]
+__all__ = ["ALL_STEPS", "ATOM_OPTIONS", "DRIFT_OPTIONS", "STEPS", "TRACK_OPTIONS",
+           "check_options", "check_steps", "parse_step_names"]
 
-#: Stage names in the order they run.
+#: The default stages, in the order they run.
 STEPS = ("rigid", "demons", "atoms", "cells")
+#: Every stage, in run order: ``"track"`` (every column in every frame) is asked for.
+ALL_STEPS = (*STEPS, "track")
 
 #: Options ``analyze(atoms={...})`` accepts (peak finding, species, O columns, fitting).
 ATOM_OPTIONS = frozenset({"sigma", "threshold", "min_distance", "n_classes", "names",
@@ -30,13 +34,17 @@ ATOM_OPTIONS = frozenset({"sigma", "threshold", "min_distance", "n_classes", "na
                           "counts_per_unit"})
 #: Options ``analyze(drift={...})`` accepts (passed to :func:`stemgpu.drift_report`).
 DRIFT_OPTIONS = frozenset({"frame_time", "model", "degree", "smoothing"})
+#: Options ``analyze(track={...})`` accepts (passed to :func:`stemgpu.track_columns`).
+TRACK_OPTIONS = frozenset({"counts_per_unit", "estimator", "jump_z", "fade_z", "fade_fraction",
+                           "erratic_p", "frame_z", "fail_fraction", "level", "batch_frames",
+                           "engine", "min_cells", "alpha", "frames"})
 
 
 def _unknown(steps: Sequence[str]) -> str | None:
     """The complaint about unknown or no stage names, or None when every name is a stage."""
-    bad = [s for s in steps if s not in STEPS]
+    bad = [s for s in steps if s not in ALL_STEPS]
     if bad or not steps:
-        return f"unknown step(s) {bad}; choose from {','.join(STEPS)}"
+        return f"unknown step(s) {bad}; choose from {','.join(ALL_STEPS)}"
     return None
 
 
@@ -84,7 +92,10 @@ def check_steps(steps: str | Sequence[str]) -> tuple[str, ...]:
     if "demons" in steps and "rigid" not in steps:
         raise ValueError("steps: 'demons' needs 'rigid' first (demons corrects distortions "
                          "of a pixel or two, not frame offsets)")
-    return tuple(s for s in STEPS if s in steps)
+    if "track" in steps and not {"rigid", "atoms"} <= set(steps):
+        raise ValueError("steps: 'track' needs 'rigid' and 'atoms' (it fits the columns found "
+                         "on the registered mean in every registered frame)")
+    return tuple(s for s in ALL_STEPS if s in steps)
 
 
 def check_options(stage_options: Mapping[str, Any]) -> dict[str, dict]:
@@ -96,7 +107,7 @@ def check_options(stage_options: Mapping[str, Any]) -> dict[str, dict]:
         A keyword that is no stage (nor ``drift``), a value that is not a dict, or an
         unknown ``atoms`` / ``drift`` option.
     """
-    allowed = (*STEPS, "drift")
+    allowed = (*ALL_STEPS, "drift")
     out = {}
     for key, value in stage_options.items():
         if key not in allowed:
@@ -108,7 +119,8 @@ def check_options(stage_options: Mapping[str, Any]) -> dict[str, dict]:
             raise TypeError(f"{key}= must be a dict of options for that stage; got "
                             f"{type(value).__name__}")
         out[key] = dict(value)
-    for key, known in (("atoms", ATOM_OPTIONS), ("drift", DRIFT_OPTIONS)):
+    for key, known in (("atoms", ATOM_OPTIONS), ("drift", DRIFT_OPTIONS),
+                       ("track", TRACK_OPTIONS)):
         extra = set(out.get(key, {})) - known
         if extra:
             raise TypeError(f"{key}= has unknown option(s) {sorted(extra)}; accepted: "

@@ -15,7 +15,8 @@ import numpy as np
 from ..backend import to_host
 from .statistics import std_interval, systematic_floor, t_quantile
 
-__all__ = ["CELL_ROWS", "Row", "atom_rows", "cell_rows", "drift_rows", "summary_rows"]
+__all__ = ["CELL_ROWS", "Row", "atom_rows", "cell_rows", "drift_rows", "summary_rows",
+           "track_rows"]
 
 #: Cell-statistics rows shown in the summary: (name, label, unit), in table order.
 CELL_ROWS = (
@@ -130,6 +131,38 @@ def cell_rows(stats) -> dict[str, Row]:
     return rows
 
 
+def track_rows(tracks, series=None) -> dict[str, Row]:
+    """Calibration ratio of the error bars per species, flagged columns and frames, and the
+    drift of the lattice over the frames (from the ``"track"`` step)."""
+    rows: dict[str, Row] = {}
+    for name, r in tracks.calibration.items():
+        rows[f"calibration_ratio_{name}"] = Row(
+            f"calibration ratio {name}", r.ratio, 0.5 * (r.high - r.low), "",
+            note=f"frame scatter / Fisher error over {tracks.n_frames} frames, {r.n_columns} "
+                 f"columns; 68 % interval [{r.low:.3f}, {r.high:.3f}]; 1 = error bars right")
+    flagged = tracks.flagged_columns()
+    rows["columns_flagged"] = Row(
+        "columns flagged (tracking)", float((tracks.column_flags != 0).sum()), 0.0, "",
+        note=(", ".join(f"{k} {v}" for k, v in flagged.items()) or "none") +
+             f" of {len(tracks.column_flags)}")
+    bad = np.flatnonzero(tracks.frame_flagged)
+    rows["frames_flagged"] = Row(
+        "frames flagged (tracking)", float(len(bad)), 0.0, "",
+        note="; ".join(f"frame {f}: {tracks.frame_reasons[f]}" for f in bad[:3])
+             + (" ..." if len(bad) > 3 else "") if len(bad) else "none")
+    if series is not None:
+        for key, label in (("a1_length_pm", "|a1|"), ("a2_length_pm", "|a2|")):
+            t = series.trends.get(key)
+            if t is None:
+                continue
+            verdict = "significant" if t.significant else "not significant"
+            rows[f"lattice_drift_{key}"] = Row(
+                f"drift of median {label} over frames", t.slope, t.slope_error, "pm/frame",
+                note=f"{len(series.frames)} frames; z {t.z:+.1f}, p {t.p:.2g}: {verdict} "
+                     f"at alpha {series.parameters['alpha']:g}")
+    return rows
+
+
 def summary_rows(analysis) -> dict[str, Row]:
     """Every row of ``analysis.summary()``, for the stages that ran, in table order."""
     rows: dict[str, Row] = {}
@@ -139,4 +172,6 @@ def summary_rows(analysis) -> dict[str, Row]:
         rows.update(atom_rows(analysis.atoms, analysis.species, analysis.pixel_size_pm))
     if analysis.statistics is not None:
         rows.update(cell_rows(analysis.statistics))
+    if analysis.tracks is not None:
+        rows.update(track_rows(analysis.tracks, analysis.frame_series))
     return rows
