@@ -32,26 +32,32 @@ def bilinear(be, channels, disp):
     c_, b, h, w = channels.shape
     dt = channels.dtype
     gr, gc = _grid(be, h, w, dt)
-    r = xp.clip(gr + disp[:, 0], 0, h - 1)
-    c = xp.clip(gc + disp[:, 1], 0, w - 1)
+    # In-place steps throughout: each fresh full-size temporary costs page faults on a CPU.
+    r = gr + disp[:, 0]
+    xp.clip(r, 0, h - 1, out=r)
+    c = gc + disp[:, 1]
+    xp.clip(c, 0, w - 1, out=c)
     # 32-bit indices where they suffice: float -> int32 conversion and index arithmetic are
     # several times faster than with 64-bit indices on CPUs.
     idt = xp.int32 if b * h * w < 2**31 - 1 else xp.intp
     # Coordinates are clamped to be >= 0, so truncation is the floor.
     r0 = r.astype(idt)
     c0 = c.astype(idt)
-    fr = r - r0.astype(dt)
-    fc = c - c0.astype(dt)
+    r -= r0.astype(dt)
+    c -= c0.astype(dt)
+    fr, fc = r, c  # fractional parts
     del r, c
     # Steps to the next row/column, zero on the last one (edge clamping without a second clip).
-    dr = (r0 < h - 1).astype(idt)
+    # The gather indices themselves are intp: take() would convert 32-bit ones on every call.
+    dr = (r0 < h - 1).astype(xp.intp)
     dr *= w
-    dc = (c0 < w - 1).astype(idt)
+    dc = (c0 < w - 1).astype(xp.intp)
     r0 *= w
     r0 += c0
     r0 += (xp.arange(b, dtype=idt) * (h * w))[:, None, None]
     del c0
-    i00 = r0
+    i00 = r0.astype(xp.intp, copy=False)
+    del r0
     i01 = i00 + dc
     i10 = i00 + dr
     i11 = i01 + dr
@@ -59,11 +65,20 @@ def bilinear(be, channels, disp):
     out = xp.empty_like(channels)
     for k in range(c_):  # C is 1 or 2: a loop over components, never over frames
         flat = channels[k].reshape(-1)
+        # top = a + fc * (b - a) and out = top + fr * (bot - top), in place
         a = flat.take(i00)
-        top = a + fc * (flat.take(i01) - a)
+        top = flat.take(i01)
+        top -= a
+        top *= fc
+        top += a
         a = flat.take(i10)
-        bot = a + fc * (flat.take(i11) - a)
-        out[k] = top + fr * (bot - top)
+        bot = flat.take(i11)
+        bot -= a
+        bot *= fc
+        bot += a
+        bot -= top
+        bot *= fr
+        xp.add(bot, top, out=out[k])
     return out
 
 

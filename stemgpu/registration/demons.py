@@ -15,6 +15,8 @@ is one boolean every ten iterations (have all frames stopped?).
 from __future__ import annotations
 
 import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -407,6 +409,34 @@ def _upsample_field(be, disp, shape):
     return disp
 
 
+def _workers(be) -> int:
+    """Batches run side by side: one per CPU core on NumPy, whose array loops release the
+    GIL; one at a time on a GPU, whose kernels queue on one stream anyway."""
+    if be.is_gpu:
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _frame_chunks(n, batch_size, workers):
+    """Frame slices advanced together: with several workers, each batch of ``batch_size``
+    frames is split evenly among them (the memory in use stays that of one batch)."""
+    if workers > 1:
+        per = -(-n // -(-n // batch_size))  # frames per batch, batches of equal size
+        batch_size = max(1, -(-per // workers))
+    return [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def _batch_results(pool, args):
+    """``_register_batch(*a)`` for each ``a`` in order, on the ``pool`` threads if any."""
+    if pool is None:
+        return (_register_batch(*a) for a in args)
+    # Frames are independent: batches side by side give the same numbers.
+    return (f.result() for f in [pool.submit(_register_batch, *a) for a in args])
+
+
 class _BatchResult(NamedTuple):
     registered: Any
     disp: Any
@@ -580,17 +610,19 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     iterations_run = xp.zeros(n, dtype=xp.int32)
     flagged = xp.zeros(n, dtype=bool)
 
-    bar = progress_bar(progress, total=opts.rounds * -(-n // bsize) * sum(opts.iterations),
+    workers = _workers(be)
+    chunks = _frame_chunks(n, bsize, workers)
+    bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for rnd in range(opts.rounds):
             fixed = _fixed_pyramid(be, ref, opts)
             gain, shift = _intensity_match(be, frame_means, fixed)
-            for start in range(0, n, bsize):
-                sl = slice(start, min(n, start + bsize))
-                res = _register_batch(be, frames[sl], gain[sl], shift[sl], fixed, opts,
-                                      hist_metric[rnd, :, :, sl], hist_update[rnd, :, :, sl],
-                                      bar)
+            args = [(be, frames[sl], gain[sl], shift[sl], fixed, opts,
+                     hist_metric[rnd, :, :, sl], hist_update[rnd, :, :, sl], bar)
+                    for sl in chunks]
+            for sl, res in zip(chunks, _batch_results(pool, args), strict=True):
                 registered[sl] = res.registered
                 if opts.keep_fields:
                     displacement[sl] = res.disp
@@ -604,6 +636,8 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
                 ref = new_mean.astype(frames.dtype, copy=False)
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown()
 
     return DemonsResult(
         registered=registered,
