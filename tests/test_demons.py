@@ -444,3 +444,21 @@ def test_offset_corrected_frames_with_negative_values():
     shifted = register_demons(stack - 200.0, iterations=10)
     assert np.isfinite(shifted.displacement).all()
     np.testing.assert_allclose(shifted.displacement, plain.displacement, atol=0.05)
+
+
+def test_batches_on_cpu_threads_give_the_same_numbers(monkeypatch):
+    """On NumPy a batch is split across CPU threads; frames are independent, so the numbers
+    are those of one thread, bit for bit."""
+    assert demons_mod._frame_chunks(4, 4, 2, 512 * 512) == [slice(0, 2), slice(2, 4)]
+    assert demons_mod._frame_chunks(3, 3, 2, 64 * 64) == [slice(0, 3)]  # too small to split
+    assert demons_mod._frame_chunks(16, 12, 2, 512 * 512) == [
+        slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)]
+    stack, _ = simulate_stack((4, 512, 512), line_jitter_px=0.3, dose=300, seed=5)
+    kw = dict(iterations=4, backend="numpy")
+    monkeypatch.setattr(demons_mod, "_workers", lambda be: 2)
+    threaded = register_demons(stack, **kw)
+    monkeypatch.setattr(demons_mod, "_workers", lambda be: 1)
+    serial = register_demons(stack, **kw)
+    for name in ("registered", "displacement", "metric_history", "update_history",
+                 "iterations", "mean"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(serial, name))

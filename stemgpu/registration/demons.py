@@ -36,6 +36,9 @@ _ORDERS = (0, 1, 3)
 _PATIENCE = 5
 #: Host check "have all frames stopped?" every this many iterations (one sync each).
 _CHECK_EVERY = 10
+#: Smallest piece of a batch (pixels) given its own CPU thread: below it, per-call overhead
+#: and the GIL between NumPy calls eat the gain.
+_MIN_THREAD_PIXELS = 2**19
 #: Working memory per frame pixel of a batch: images, gradients, three fields, 4 indices.
 _BYTES_PER_PIXEL = 160
 
@@ -420,12 +423,15 @@ def _workers(be) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _frame_chunks(n, batch_size, workers):
+def _frame_chunks(n, batch_size, workers, frame_pixels):
     """Frame slices advanced together: with several workers, each batch of ``batch_size``
-    frames is split evenly among them (the memory in use stays that of one batch)."""
+    frames is split evenly among them (the memory in use stays that of one batch), unless
+    the pieces would be too small for threads to pay (``_MIN_THREAD_PIXELS``)."""
     if workers > 1:
         per = -(-n // -(-n // batch_size))  # frames per batch, batches of equal size
-        batch_size = max(1, -(-per // workers))
+        size = max(1, -(-per // workers))
+        if size * frame_pixels >= _MIN_THREAD_PIXELS:
+            batch_size = size
     return [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
 
 
@@ -611,7 +617,7 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     flagged = xp.zeros(n, dtype=bool)
 
     workers = _workers(be)
-    chunks = _frame_chunks(n, bsize, workers)
+    chunks = _frame_chunks(n, bsize, workers, h * w)
     bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
