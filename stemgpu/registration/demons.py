@@ -263,11 +263,25 @@ def _metric(diff):
     return (diff * diff).mean(axis=(1, 2))
 
 
+def _select(be, mask, a, b):
+    """Per frame, field ``a`` where ``mask`` (B,) else ``b``. On the host a uniform mask
+    (the common case) returns ``a`` or ``b`` itself: the check is free there, a sync on a
+    GPU; neither array is modified in place afterwards."""
+    if not be.is_gpu:
+        if bool(mask.all()):
+            return a
+        if not bool(mask.any()):
+            return b
+    return be.xp.where(mask[:, None, None, None], a, b)
+
+
 def _force_update(be, opts: _Options, grad_fixed, warped, diff, active, alpha2):
     """The smoothed demons update (B, 2, H, W) of every active frame (zero for the others)."""
     xp = be.xp
     if opts.force == "symmetric":
-        g = 0.5 * (grad_fixed + _warp.gradient(be, warped))
+        g = _warp.gradient(be, warped)
+        g += grad_fixed
+        g *= 0.5
     else:
         g = xp.broadcast_to(grad_fixed, (warped.shape[0], *grad_fixed.shape[1:]))
     denom = (g * g).sum(axis=1) + alpha2 * diff * diff
@@ -280,14 +294,13 @@ def _force_update(be, opts: _Options, grad_fixed, warped, diff, active, alpha2):
 
 def _advance(be, opts: _Options, disp, u, active):
     """The field after one update: composed (or added), smoothed; stopped frames keep theirs."""
-    xp = be.xp
     if opts.diffeomorphic:
         new = _warp.compose(be, disp, _warp.exponential(be, u, opts.max_step))
     else:
         new = disp + u
     new = _warp.smooth(be, new, opts.sigma_field)
     # Stopped frames keep their field (repeated elastic smoothing would erode it).
-    return xp.where(active[:, None, None, None], new, disp)
+    return _select(be, active, new, disp)
 
 
 class _LevelOutput:
@@ -338,7 +351,7 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
         diff = warped - fixed
         metric = _metric(diff)
         improved = active & (metric < best * (1.0 - opts.tolerance))
-        best_disp = xp.where(improved[:, None, None, None], disp, best_disp)
+        best_disp = _select(be, improved, disp, best_disp)
         best = xp.where(improved, metric, best)
         stall = xp.where(improved, 0, stall + 1)
         active = active & (stall < _PATIENCE)
