@@ -27,6 +27,10 @@ def bilinear(be, channels, disp):
     warps both components at the same points), which makes this about twice as fast as
     calling ``map_coordinates`` per channel. Coordinates outside the frame are clamped to
     the edge (``mode="nearest"``). Returns (C, B, H, W) in the dtype of ``channels``.
+
+    Each channel is copied into a frame one row and column larger (the last ones repeated),
+    so the four neighbours of a sample are the same flat index into four offset views of it:
+    one index array serves all gathers, and the edge needs no clamping of its own.
     """
     xp = be.xp
     c_, b, h, w = channels.shape
@@ -37,9 +41,10 @@ def bilinear(be, channels, disp):
     xp.clip(r, 0, h - 1, out=r)
     c = gc + disp[:, 1]
     xp.clip(c, 0, w - 1, out=c)
-    # 32-bit indices where they suffice: float -> int32 conversion and index arithmetic are
-    # several times faster than with 64-bit indices on CPUs.
-    idt = xp.int32 if b * h * w < 2**31 - 1 else xp.intp
+    hp, wp = h + 1, w + 1
+    # 32-bit index arithmetic where it suffices (several times faster on CPUs than 64-bit);
+    # the gather index itself is intp, which take() would otherwise convert on every call.
+    idt = xp.int32 if b * hp * wp < 2**31 - 1 else xp.intp
     # Coordinates are clamped to be >= 0, so truncation is the floor.
     r0 = r.astype(idt)
     c0 = c.astype(idt)
@@ -47,32 +52,27 @@ def bilinear(be, channels, disp):
     c -= c0.astype(dt)
     fr, fc = r, c  # fractional parts
     del r, c
-    # Steps to the next row/column, zero on the last one (edge clamping without a second clip).
-    # The gather indices themselves are intp: take() would convert 32-bit ones on every call.
-    dr = (r0 < h - 1).astype(xp.intp)
-    dr *= w
-    dc = (c0 < w - 1).astype(xp.intp)
-    r0 *= w
+    r0 *= wp
     r0 += c0
-    r0 += (xp.arange(b, dtype=idt) * (h * w))[:, None, None]
+    r0 += (xp.arange(b, dtype=idt) * (hp * wp))[:, None, None]
     del c0
     i00 = r0.astype(xp.intp, copy=False)
     del r0
-    i01 = i00 + dc
-    i10 = i00 + dr
-    i11 = i01 + dr
-    del dr, dc
     out = xp.empty_like(channels)
+    src = xp.empty((b, hp, wp), dtype=dt)
     for k in range(c_):  # C is 1 or 2: a loop over components, never over frames
-        flat = channels[k].reshape(-1)
+        src[:, :h, :w] = channels[k]
+        src[:, h, :w] = channels[k, :, h - 1]
+        src[:, :, w] = src[:, :, w - 1]
+        flat = src.reshape(-1)
         # top = a + fc * (b - a) and out = top + fr * (bot - top), in place
         a = flat.take(i00)
-        top = flat.take(i01)
+        top = flat[1:].take(i00)
         top -= a
         top *= fc
         top += a
-        a = flat.take(i10)
-        bot = flat.take(i11)
+        a = flat[wp:].take(i00)
+        bot = flat[wp + 1:].take(i00)
         bot -= a
         bot *= fc
         bot += a
