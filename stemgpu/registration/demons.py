@@ -9,7 +9,8 @@ updates (Vercauteren et al. 2009, doi:10.1016/j.neuroimage.2008.10.040).
 All frames of a batch advance together as one (B, H, W) array on the backend's ``xp``: force,
 Gaussian smoothing of the update ("fluid") and of the field ("elastic"), composition and
 warping are whole-batch operations; the only host synchronisation inside the iteration loop
-is one boolean every ten iterations (have all frames stopped?).
+is one boolean every ten iterations (have all frames stopped?). On the NumPy backend the
+pieces of a batch run side by side on CPU threads (NumPy's array loops release the GIL).
 """
 
 from __future__ import annotations
@@ -542,8 +543,9 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     keep_fields : bool
         Return the displacement fields (n x 2 x h x w float32); ``False`` saves the memory.
     batch_size : int or "auto"
-        Frames advanced together; ``"auto"`` sizes batches from free device (or host)
-        memory.
+        Frames held in memory and advanced together; ``"auto"`` sizes batches from free
+        device (or host) memory. On the NumPy backend a batch is split evenly across the
+        CPU cores (threads; pieces of at least 2**19 px), which gives the same numbers.
     progress : bool
         Show a tqdm progress bar over iterations.
     backend : {"numpy", "cupy", "auto"}, optional
