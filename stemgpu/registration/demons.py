@@ -635,7 +635,7 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     chunks = _frame_chunks(n, bsize, workers, h * w)
     bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
     try:
         for rnd in range(opts.rounds):
             fixed = _fixed_pyramid(be, ref, opts)
