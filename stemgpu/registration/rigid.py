@@ -5,6 +5,11 @@ batch, the cross-power against the reference, an on-device arg-max, a batched
 matrix-multiply DFT refinement (Guizar-Sicairos et al. 2008) and one (B, 2) device-to-host
 transfer per batch. Stacks that are not in memory (``h5py.Dataset``, ``np.memmap`` or any
 object with ``.shape``, ``.dtype`` and frame slicing) are streamed in batches.
+
+:func:`register_rigid` validates its options into a ``Plan`` and runs the named passes of
+``_rigid_passes`` over the batches (frame-to-frame, then pairs, a reference frame or the
+leave-one-out mean, an optional polish, and the write); :func:`apply_shifts` is the public
+"shift these frames" call the passes' writer also uses.
 """
 
 from __future__ import annotations
@@ -173,7 +178,7 @@ def apply_shifts(stack, shifts, *, order="fourier", backend=None):
         content (no blur); the default, since atomic columns are well sampled.
         ``"spline"``: interpolating cubic B-spline (as ``scipy.ndimage.shift(order=3)``), local
         support and no ripple from the frame edges but slight smoothing at half-pixel shifts.
-    backend : {"numpy", "cupy", "auto"}, optional
+    backend : {"numpy", "cupy", "auto"} or Backend, optional
 
     Returns
     -------
