@@ -78,9 +78,19 @@ def _scatter(frames, truth, cols):
     return float(np.sqrt((sd**2).sum(axis=1).mean()))
 
 
+def _cpu_threads():
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
 def _record(benchmark, impl, stack, registered, truth, cols, device):
     benchmark.extra_info.update({
         "impl": impl, "case": _case(stack.shape), "device": device,
+        "cpu_threads": _cpu_threads(),  # both run one thread per core on the CPU
         "scatter_px": _scatter(registered, truth, cols),
         "raw_scatter_px": _scatter(stack, truth, cols),
     })

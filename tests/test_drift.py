@@ -151,7 +151,8 @@ def test_bad_inputs():
         drift_report(good)
     with pytest.raises(ValueError, match="pixel_size must be a positive number in pm; got 0"):
         drift_report(good, pixel_size=0)
-    with pytest.raises(ValueError, match="model='cubic' is not accepted; use one of 'linear'"):
+    with pytest.raises(ValueError,
+                       match="model must be one of 'linear', 'poly', 'spline'; got 'cubic'"):
         drift_report(good, pixel_size=1.0, model="cubic")
     with pytest.raises(ValueError, match="degree must be an integer >= 1 for model='poly'"):
         drift_report(good, pixel_size=1.0, model="poly", degree=0)

@@ -27,43 +27,58 @@ def bilinear(be, channels, disp):
     warps both components at the same points), which makes this about twice as fast as
     calling ``map_coordinates`` per channel. Coordinates outside the frame are clamped to
     the edge (``mode="nearest"``). Returns (C, B, H, W) in the dtype of ``channels``.
+
+    Each channel is copied into a frame one row and column larger (the last ones repeated),
+    so the four neighbours of a sample are the same flat index into four offset views of it:
+    one index array serves all gathers, and the edge needs no clamping of its own.
     """
     xp = be.xp
     c_, b, h, w = channels.shape
     dt = channels.dtype
     gr, gc = _grid(be, h, w, dt)
-    r = xp.clip(gr + disp[:, 0], 0, h - 1)
-    c = xp.clip(gc + disp[:, 1], 0, w - 1)
-    # 32-bit indices where they suffice: float -> int32 conversion and index arithmetic are
-    # several times faster than with 64-bit indices on CPUs.
-    idt = xp.int32 if b * h * w < 2**31 - 1 else xp.intp
+    # In-place steps throughout: each fresh full-size temporary costs page faults on a CPU.
+    r = gr + disp[:, 0]
+    xp.clip(r, 0, h - 1, out=r)
+    c = gc + disp[:, 1]
+    xp.clip(c, 0, w - 1, out=c)
+    hp, wp = h + 1, w + 1
+    # 32-bit index arithmetic where it suffices (several times faster on CPUs than 64-bit);
+    # the gather index itself is intp, which take() would otherwise convert on every call.
+    idt = xp.int32 if b * hp * wp < 2**31 - 1 else xp.intp
     # Coordinates are clamped to be >= 0, so truncation is the floor.
     r0 = r.astype(idt)
     c0 = c.astype(idt)
-    fr = r - r0.astype(dt)
-    fc = c - c0.astype(dt)
+    r -= r0.astype(dt)
+    c -= c0.astype(dt)
+    fr, fc = r, c  # fractional parts
     del r, c
-    # Steps to the next row/column, zero on the last one (edge clamping without a second clip).
-    dr = (r0 < h - 1).astype(idt)
-    dr *= w
-    dc = (c0 < w - 1).astype(idt)
-    r0 *= w
+    r0 *= wp
     r0 += c0
-    r0 += (xp.arange(b, dtype=idt) * (h * w))[:, None, None]
+    r0 += (xp.arange(b, dtype=idt) * (hp * wp))[:, None, None]
     del c0
-    i00 = r0
-    i01 = i00 + dc
-    i10 = i00 + dr
-    i11 = i01 + dr
-    del dr, dc
+    i00 = r0.astype(xp.intp, copy=False)
+    del r0
     out = xp.empty_like(channels)
+    src = xp.empty((b, hp, wp), dtype=dt)
     for k in range(c_):  # C is 1 or 2: a loop over components, never over frames
-        flat = channels[k].reshape(-1)
+        src[:, :h, :w] = channels[k]
+        src[:, h, :w] = channels[k, :, h - 1]
+        src[:, :, w] = src[:, :, w - 1]
+        flat = src.reshape(-1)
+        # top = a + fc * (b - a) and out = top + fr * (bot - top), in place
         a = flat.take(i00)
-        top = a + fc * (flat.take(i01) - a)
-        a = flat.take(i10)
-        bot = a + fc * (flat.take(i11) - a)
-        out[k] = top + fr * (bot - top)
+        top = flat[1:].take(i00)
+        top -= a
+        top *= fc
+        top += a
+        a = flat[wp:].take(i00)
+        bot = flat[wp + 1:].take(i00)
+        bot -= a
+        bot *= fc
+        bot += a
+        bot -= top
+        bot *= fr
+        xp.add(bot, top, out=out[k])
     return out
 
 
@@ -128,8 +143,20 @@ def smooth(be, array, sigma, truncate=3.0):
 def gradient(be, images):
     """Central-difference gradient (B, 2, H, W) of a batch (B, H, W); one-sided at the edges."""
     xp = be.xp
-    gr, gc = xp.gradient(images, axis=(1, 2))
-    return xp.stack([gr, gc], axis=1)
+    # numpy.gradient's arithmetic (edge_order=1, unit spacing), written straight into the
+    # (B, 2, H, W) output instead of two arrays and a stack.
+    out = xp.empty((images.shape[0], 2, *images.shape[1:]), dtype=images.dtype)
+    o = out[:, 0]  # along rows
+    xp.subtract(images[:, 2:], images[:, :-2], out=o[:, 1:-1])
+    o[:, 1:-1] /= 2.0
+    xp.subtract(images[:, 1], images[:, 0], out=o[:, 0])
+    xp.subtract(images[:, -1], images[:, -2], out=o[:, -1])
+    o = out[:, 1]  # along columns
+    xp.subtract(images[:, :, 2:], images[:, :, :-2], out=o[:, :, 1:-1])
+    o[:, :, 1:-1] /= 2.0
+    xp.subtract(images[:, :, 1], images[:, :, 0], out=o[:, :, 0])
+    xp.subtract(images[:, :, -1], images[:, :, -2], out=o[:, :, -1])
+    return out
 
 
 def downsample(be, images):

@@ -9,21 +9,24 @@ updates (Vercauteren et al. 2009, doi:10.1016/j.neuroimage.2008.10.040).
 All frames of a batch advance together as one (B, H, W) array on the backend's ``xp``: force,
 Gaussian smoothing of the update ("fluid") and of the field ("elastic"), composition and
 warping are whole-batch operations; the only host synchronisation inside the iteration loop
-is one boolean every ten iterations (have all frames stopped?).
+is one boolean every ten iterations (have all frames stopped?). On the NumPy backend the
+pieces of a batch run side by side on CPU threads (NumPy's array loops release the GIL).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import check_choice, check_int, check_pair, check_real, fail
 from .._inputs import as_image, as_stack
 from .._progress import progress_bar
-from ..backend import Backend, is_cupy_array, to_host
+from ..backend import HostCopyMixin, is_cupy_array
 from . import _warp
 
 __all__ = ["DemonsResult", "register_demons", "warp"]
@@ -34,10 +37,15 @@ _ORDERS = (0, 1, 3)
 _PATIENCE = 5
 #: Host check "have all frames stopped?" every this many iterations (one sync each).
 _CHECK_EVERY = 10
+#: Smallest piece of a batch (pixels) given its own CPU thread: below it, per-call overhead
+#: and the GIL between NumPy calls eat the gain.
+_MIN_THREAD_PIXELS = 2**19
+#: Working memory per frame pixel of a batch: images, gradients, three fields, 4 indices.
+_BYTES_PER_PIXEL = 160
 
 
 @dataclass(frozen=True)
-class DemonsResult:
+class DemonsResult(HostCopyMixin):
     """Result of :func:`register_demons`.
 
     Metrics are mean squared differences between the pre-smoothed, intensity-normalised
@@ -83,50 +91,25 @@ class DemonsResult:
     flagged: Any
     parameters: dict = field(default_factory=dict)
 
-    def to_numpy(self) -> DemonsResult:
-        """A copy whose arrays are NumPy arrays."""
-
-        def conv(a):
-            if a is None:
-                return None
-            return to_host(a, copy=True)
-
-        names = ("registered", "displacement", "reference", "mean", "metric_before",
-                 "metric_after", "metric_history", "update_history", "iterations", "flagged")
-        return replace(self, parameters=dict(self.parameters),
-                       **{k: conv(getattr(self, k)) for k in names})
-
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
+def _check_order(order):
+    if isinstance(order, bool):  # True == 1 would otherwise pass as bilinear
+        fail("order", "one of 0, 1, 3", order)
+    return check_choice(order, "order", _ORDERS)
 
 
-def _check_sigma(value, name):
-    msg = f"{name} must be a number >= 0 or a (row, col) pair of them, in px; got {value!r}"
-    if isinstance(value, bool):
-        raise ValueError(msg)
-    try:
-        pair = np.broadcast_to(np.asarray(value, dtype=float), (2,))
-    except (TypeError, ValueError):
-        raise ValueError(msg) from None
-    if not np.all(np.isfinite(pair)) or np.any(pair < 0):
-        raise ValueError(msg)
-    return (float(pair[0]), float(pair[1]))
-
-
-def _check_positive(value, name):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        fail(name, "True or False", value)
+    return value
 
 
 def _check_iterations(iterations, levels):
+    accepted = (f"an integer or a sequence of {levels} integers (one per level, coarse to "
+                "fine)")
     if isinstance(iterations, numbers.Integral) and not isinstance(iterations, bool):
         its = [int(iterations)] * levels
     elif isinstance(iterations, list | tuple | np.ndarray):
@@ -134,30 +117,69 @@ def _check_iterations(iterations, levels):
         if len(its) != levels or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in its
         ):
-            raise ValueError(
-                f"iterations must be an integer or a sequence of {levels} integers (one per "
-                f"level, coarse to fine); got {iterations!r}")
+            fail("iterations", accepted, iterations)
         its = [int(i) for i in its]
     else:
-        raise ValueError(
-            f"iterations must be an integer or a sequence of {levels} integers; got "
-            f"{iterations!r}")
+        fail("iterations", accepted, iterations)
     if any(i < 0 for i in its) or its[-1] < 1:
-        raise ValueError(
-            f"iterations must be >= 0 per level and >= 1 at the finest level; got {iterations!r}")
+        fail("iterations", ">= 0 per level and >= 1 at the finest level", iterations)
     return its
 
 
-def _auto_batch(be: Backend, shape, batch_size):
-    if batch_size != "auto":
-        if isinstance(batch_size, str):
-            raise ValueError(f"batch_size must be 'auto' or an integer >= 1; got {batch_size!r}")
-        return _check_int(batch_size, "batch_size", 1)
-    n, h, w = shape
-    # ~160 bytes per pixel per frame: images, gradients, three fields, 4 gather indices.
-    per_frame = 160 * h * w
-    budget = be.free_memory() // 3 if be.is_gpu else min(be.free_memory() // 8, 512 * 2**20)
-    return int(max(1, min(n, budget // per_frame)))
+def _check_reference(reference, be, frames):
+    """A given reference image on the backend, in the frames' dtype."""
+    ref = as_image(reference, name="reference", backend=be).data
+    if tuple(ref.shape) != tuple(frames.shape[1:]):
+        raise ValueError(f"reference must have the frame shape {tuple(frames.shape[1:])}; got "
+                         f"{tuple(ref.shape)}")
+    return ref.astype(frames.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The demons options, validated once (see :func:`register_demons` for each)."""
+
+    iterations: tuple  # per pyramid level, coarse to fine
+    force: str
+    diffeomorphic: bool
+    sigma_field: tuple
+    sigma_update: tuple
+    sigma_image: tuple
+    max_step: float
+    levels: int
+    rounds: int
+    tolerance: float
+    order: int
+    keep_fields: bool
+
+    @classmethod
+    def checked(cls, *, iterations, force, diffeomorphic, sigma_field, sigma_update,
+                sigma_image, max_step, levels, rounds, tolerance, order, keep_fields):
+        force = check_choice(force, "force", _FORCES)
+        diffeomorphic = _check_flag(diffeomorphic, "diffeomorphic")
+        keep_fields = _check_flag(keep_fields, "keep_fields")
+        order = _check_order(order)
+        levels = check_int(levels, "levels", minimum=1)
+        rounds = check_int(rounds, "rounds", minimum=1)
+        its = tuple(_check_iterations(iterations, levels))
+        s_field = check_pair(sigma_field, "sigma_field", minimum=0)
+        s_update = check_pair(sigma_update, "sigma_update", minimum=0)
+        s_image = check_pair(sigma_image, "sigma_image", minimum=0)
+        max_step = check_real(max_step, "max_step", greater=0)
+        ok = isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
+        if not ok or not 0 <= tolerance < 1:
+            fail("tolerance", "a number in [0, 1)", tolerance)
+        return cls(its, force, diffeomorphic, s_field, s_update, s_image, max_step, levels,
+                   rounds, tolerance, order, keep_fields)
+
+    def record(self, **extra) -> dict:
+        """The options as ``DemonsResult.parameters`` records them, plus ``extra``."""
+        return dict(iterations=list(self.iterations), force=self.force,
+                    diffeomorphic=self.diffeomorphic, sigma_field=self.sigma_field,
+                    sigma_update=self.sigma_update, sigma_image=self.sigma_image,
+                    max_step=self.max_step, levels=self.levels, rounds=self.rounds,
+                    tolerance=self.tolerance, order=self.order,
+                    keep_fields=self.keep_fields, **extra)
 
 
 # --------------------------------------------------------------------------- public warp
@@ -200,8 +222,7 @@ def warp(stack, displacement, *, order=1, backend=None):
     >>> [int(i) for i in np.unravel_index(out.argmax(), out.shape)]
     [8, 6]
     """
-    if order not in _ORDERS or isinstance(order, bool):
-        raise ValueError(f"order={order!r} is not accepted; use one of 0, 1, 3")
+    order = _check_order(order)
     cal = as_image(stack, name="stack", backend=backend, allow_stack=True)
     be = cal.backend
     data = cal.data
@@ -243,9 +264,72 @@ def _metric(diff):
     return (diff * diff).mean(axis=(1, 2))
 
 
-def _run_level(be, moving, fixed, grad_fixed, disp, *, iterations, force, diffeomorphic,
-               sigma_field, sigma_update, max_step, tolerance, hist_metric, hist_update,
-               bar):
+def _select(be, mask, a, b):
+    """Per frame, field ``a`` where ``mask`` (B,) else ``b``. On the host a uniform mask
+    (the common case) returns ``a`` or ``b`` itself: the check is free there, a sync on a
+    GPU; neither array is modified in place afterwards."""
+    if not be.is_gpu:
+        if bool(mask.all()):
+            return a
+        if not bool(mask.any()):
+            return b
+    return be.xp.where(mask[:, None, None, None], a, b)
+
+
+def _force_update(be, opts: _Options, grad_fixed, warped, diff, active, alpha2):
+    """The smoothed demons update (B, 2, H, W) of every active frame (zero for the others)."""
+    xp = be.xp
+    if opts.force == "symmetric":
+        g = _warp.gradient(be, warped)
+        g += grad_fixed
+        g *= 0.5
+    else:
+        g = xp.broadcast_to(grad_fixed, (warped.shape[0], *grad_fixed.shape[1:]))
+    denom = (g * g).sum(axis=1) + alpha2 * diff * diff
+    # Flat regions with no difference carry no information: no force there.
+    scale = xp.where(denom > 1e-9, -diff / xp.maximum(denom, 1e-9), 0.0)
+    scale *= active[:, None, None]
+    u = g * scale[:, None].astype(g.dtype, copy=False)
+    return _warp.smooth(be, u, opts.sigma_update)
+
+
+def _advance(be, opts: _Options, disp, u, active):
+    """The field after one update: composed (or added), smoothed; stopped frames keep theirs."""
+    if opts.diffeomorphic:
+        new = _warp.compose(be, disp, _warp.exponential(be, u, opts.max_step))
+    else:
+        new = disp + u
+    new = _warp.smooth(be, new, opts.sigma_field)
+    # Stopped frames keep their field (repeated elastic smoothing would erode it).
+    return _select(be, active, new, disp)
+
+
+class _LevelOutput:
+    """Where one level's frames are written when they stop: best field, runs and histories.
+
+    ``hist_metric``/``hist_update`` are (iterations, B) views of the result's histories.
+    """
+
+    def __init__(self, be, disp, hist_metric, hist_update):
+        self.be = be
+        self.disp = be.xp.empty_like(disp)
+        self.runs = be.xp.zeros((disp.shape[0],), dtype=be.xp.int32)
+        self.hist_metric = hist_metric
+        self.hist_update = hist_update
+
+    def retire(self, rows, sel, it_next, best_disp, runs, best):
+        """Write out working frames ``sel`` (host bool mask; batch rows ``rows[sel]``)
+        after iteration ``it_next - 1``: a stopped frame's metric stays, its update is 0."""
+        r = self.be.asarray(rows[sel])
+        k = self.be.asarray(np.flatnonzero(sel))
+        self.disp[r] = best_disp[k]
+        self.runs[r] = runs[k]
+        self.hist_metric[it_next:, r] = best[k]
+        self.hist_update[it_next:, r] = 0.0
+
+
+def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, hist_metric,
+               hist_update, bar):
     """Demons iterations at one level for a batch.
 
     Every ``_CHECK_EVERY`` iterations the frames that have stopped are written out and the
@@ -255,70 +339,159 @@ def _run_level(be, moving, fixed, grad_fixed, disp, *, iterations, force, diffeo
     """
     xp = be.xp
     b = moving.shape[0]
-    alpha2 = (0.5 / max_step) ** 2  # Thirion's bound: |u| <= 1 / (2 alpha) = max_step
-    out_disp = xp.empty_like(disp)
-    out_runs = xp.zeros((b,), dtype=xp.int32)
+    alpha2 = (0.5 / opts.max_step) ** 2  # Thirion's bound: |u| <= 1 / (2 alpha) = max_step
+    out = _LevelOutput(be, disp, hist_metric, hist_update)
     rows = np.arange(b)  # batch rows of the frames in the working arrays
     best = xp.full((b,), xp.inf, dtype=xp.float32)
     stall = xp.zeros((b,), dtype=xp.int32)
     active = xp.ones((b,), dtype=bool)
     runs = xp.zeros((b,), dtype=xp.int32)
     best_disp = disp
-
-    def retire(sel, it_next):
-        """Write out the working frames ``sel`` (host bool mask) after iteration it_next - 1."""
-        r = be.asarray(rows[sel])
-        k = be.asarray(np.flatnonzero(sel))
-        out_disp[r] = best_disp[k]
-        out_runs[r] = runs[k]
-        hist_metric[it_next:, r] = best[k]  # stopped: the metric stays, the update is 0
-        hist_update[it_next:, r] = 0.0
-
     for it in range(iterations + 1):
         warped = _warp.warp_batch(be, moving, disp)
         diff = warped - fixed
         metric = _metric(diff)
-        improved = active & (metric < best * (1.0 - tolerance))
-        best_disp = xp.where(improved[:, None, None, None], disp, best_disp)
+        improved = active & (metric < best * (1.0 - opts.tolerance))
+        best_disp = _select(be, improved, disp, best_disp)
         best = xp.where(improved, metric, best)
         stall = xp.where(improved, 0, stall + 1)
         active = active & (stall < _PATIENCE)
         if it == iterations:  # the last pass only evaluates the final field
             break
         hist_metric[it, be.asarray(rows)] = metric
-        if force == "symmetric":
-            g = 0.5 * (grad_fixed + _warp.gradient(be, warped))
-        else:
-            g = xp.broadcast_to(grad_fixed, (moving.shape[0], *grad_fixed.shape[1:]))
-        denom = (g * g).sum(axis=1) + alpha2 * diff * diff
-        # Flat regions with no difference carry no information: no force there.
-        scale = xp.where(denom > 1e-9, -diff / xp.maximum(denom, 1e-9), 0.0)
-        scale *= active[:, None, None]
-        u = g * scale[:, None].astype(g.dtype, copy=False)
-        u = _warp.smooth(be, u, sigma_update)
+        u = _force_update(be, opts, grad_fixed, warped, diff, active, alpha2)
         hist_update[it, be.asarray(rows)] = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
-        if diffeomorphic:
-            new = _warp.compose(be, disp, _warp.exponential(be, u, max_step))
-        else:
-            new = disp + u
-        new = _warp.smooth(be, new, sigma_field)
-        # Stopped frames keep their field (repeated elastic smoothing would erode it).
-        disp = xp.where(active[:, None, None, None], new, disp)
+        disp = _advance(be, opts, disp, u, active)
         runs += active
         bar.update(1)
         if (it + 1) % _CHECK_EVERY == 0 and it + 1 < iterations:
             act = np.asarray(be.to_numpy(active), dtype=bool)
             if not act.all():
-                retire(~act, it + 1)
+                out.retire(rows, ~act, it + 1, best_disp, runs, best)
                 if not act.any():
                     bar.update(iterations - it - 1)
-                    return out_disp, out_runs
+                    return out.disp, out.runs
                 keep = be.asarray(np.flatnonzero(act))
                 moving, disp, best_disp = moving[keep], disp[keep], best_disp[keep]
                 best, stall, active, runs = best[keep], stall[keep], active[keep], runs[keep]
                 rows = rows[act]
-    retire(np.ones(len(rows), dtype=bool), min(it + 1, iterations))
-    return out_disp, out_runs
+    out.retire(rows, np.ones(len(rows), dtype=bool), min(it + 1, iterations), best_disp, runs,
+               best)
+    return out.disp, out.runs
+
+
+class _Fixed(NamedTuple):
+    """The reference of one round: its level and scale, pyramid and gradients."""
+
+    mu: Any
+    sd: Any
+    levels: list
+    grads: list
+
+
+def _fixed_pyramid(be, ref, opts: _Options) -> _Fixed:
+    xp = be.xp
+    f32 = xp.float32
+    mu = ref.mean()
+    sd = xp.maximum(ref.std(), xp.finfo(f32).tiny)
+    fixed = _pyramid(be, ((ref - mu) / sd).astype(f32)[None], opts.levels, opts.sigma_image)
+    return _Fixed(mu, sd, fixed, [_warp.gradient(be, f) for f in fixed])
+
+
+def _intensity_match(be, frame_means, fixed: _Fixed):
+    """Per-frame gain and offset that bring each frame's mean to the reference's.
+
+    Intensities in counts: match frame means by a gain. Offset-corrected data (dark
+    subtracted, means near or below zero): match them by an offset instead.
+    """
+    xp = be.xp
+    f32 = xp.float32
+    mu, sd = fixed.mu, fixed.sd
+    n = frame_means.shape[0]
+    by_gain = bool((frame_means > 1e-3 * sd).all()) and float(mu) > 1e-3 * float(sd)
+    gain = (mu / xp.maximum(frame_means, xp.finfo(f32).tiny)).astype(f32) if by_gain \
+        else xp.ones(n, dtype=f32)
+    shift = xp.zeros(n, dtype=f32) if by_gain else (mu - frame_means).astype(f32)
+    return gain, shift
+
+
+def _upsample_field(be, disp, shape):
+    """A (B, 2, h, w) field resampled onto the next level's (H, W) grid, in its px."""
+    fac = (shape[0] / disp.shape[2], shape[1] / disp.shape[3])
+    b_ = disp.shape[0]
+    up = _warp.resample(be, disp.reshape(2 * b_, *disp.shape[2:]), shape)
+    disp = up.reshape(b_, 2, *shape)
+    disp[:, 0] *= fac[0]
+    disp[:, 1] *= fac[1]
+    return disp
+
+
+def _workers(be) -> int:
+    """Batches run side by side: one per CPU core on NumPy, whose array loops release the
+    GIL; one at a time on a GPU, whose kernels queue on one stream anyway."""
+    if be.is_gpu:
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _frame_chunks(n, batch_size, workers, frame_pixels):
+    """Frame slices advanced together: with several workers, each batch of ``batch_size``
+    frames is split evenly among them (the memory in use stays that of one batch), unless
+    the pieces would be too small for threads to pay (``_MIN_THREAD_PIXELS``)."""
+    if workers > 1:
+        per = -(-n // -(-n // batch_size))  # frames per batch, batches of equal size
+        size = max(1, -(-per // workers))
+        if size * frame_pixels >= _MIN_THREAD_PIXELS:
+            batch_size = size
+    return [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def _batch_results(pool, args):
+    """``_register_batch(*a)`` for each ``a`` in order, on the ``pool`` threads if any."""
+    if pool is None:
+        return (_register_batch(*a) for a in args)
+    # Frames are independent: batches side by side give the same numbers.
+    return (f.result() for f in [pool.submit(_register_batch, *a) for a in args])
+
+
+class _BatchResult(NamedTuple):
+    registered: Any
+    disp: Any
+    before: Any
+    after: Any
+    runs: Any
+    bad: Any
+
+
+def _register_batch(be, raw, gain, shift, fixed: _Fixed, opts: _Options, hist_metric,
+                    hist_update, bar) -> _BatchResult:
+    """Register one batch (B, H, W) onto the round's reference, coarse to fine.
+
+    ``gain``/``shift`` are the batch's intensity match; ``hist_metric``/``hist_update`` the
+    (levels, iterations, B) views of the round's histories. A field that makes a frame's
+    match worse than no field is a failure, not a registration: it is zeroed and flagged.
+    """
+    xp = be.xp
+    f32 = xp.float32
+    norm = ((raw * gain[:, None, None] + shift[:, None, None] - fixed.mu) / fixed.sd).astype(f32)
+    moving = _pyramid(be, norm, opts.levels, opts.sigma_image)
+    disp = xp.zeros((raw.shape[0], 2, *moving[-1].shape[1:]), dtype=f32)
+    for k, lev in enumerate(range(opts.levels - 1, -1, -1)):
+        shape = moving[lev].shape[1:]
+        if tuple(disp.shape[2:]) != tuple(shape):
+            disp = _upsample_field(be, disp, shape)
+        disp, runs = _run_level(be, moving[lev], fixed.levels[lev], fixed.grads[lev], disp,
+                                opts, opts.iterations[k], hist_metric[k], hist_update[k], bar)
+    before = _metric(moving[0] - fixed.levels[0])
+    after = _metric(_warp.warp_batch(be, moving[0], disp) - fixed.levels[0])
+    bad = after > before
+    disp = xp.where(bad[:, None, None, None], 0.0, disp).astype(f32, copy=False)
+    after = xp.where(bad, before, after)
+    registered = _warp.warp_batch(be, raw, disp.astype(raw.dtype), order=opts.order)
+    return _BatchResult(registered, disp, before, after, runs, bad)
 
 
 def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
@@ -370,8 +543,9 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     keep_fields : bool
         Return the displacement fields (n x 2 x h x w float32); ``False`` saves the memory.
     batch_size : int or "auto"
-        Frames advanced together; ``"auto"`` sizes batches from free device (or host)
-        memory.
+        Frames held in memory and advanced together; ``"auto"`` sizes batches from free
+        device (or host) memory. On the NumPy backend a batch is split evenly across the
+        CPU cores (threads; pieces of at least 2**19 px), which gives the same numbers.
     progress : bool
         Show a tqdm progress bar over iterations.
     backend : {"numpy", "cupy", "auto"}, optional
@@ -419,123 +593,72 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     >>> bool((res.metric_after <= res.metric_before).all())
     True
     """
-    # ---- validation at the boundary
-    if force not in _FORCES:
-        raise ValueError(f"force={force!r} is not accepted; use one of 'symmetric', 'thirion'")
-    if not isinstance(diffeomorphic, bool):
-        raise ValueError(f"diffeomorphic must be True or False; got {diffeomorphic!r}")
-    if not isinstance(keep_fields, bool):
-        raise ValueError(f"keep_fields must be True or False; got {keep_fields!r}")
-    if order not in _ORDERS or isinstance(order, bool):
-        raise ValueError(f"order={order!r} is not accepted; use one of 0, 1, 3")
-    levels = _check_int(levels, "levels", 1)
-    rounds = _check_int(rounds, "rounds", 1)
-    its = _check_iterations(iterations, levels)
-    s_field = _check_sigma(sigma_field, "sigma_field")
-    s_update = _check_sigma(sigma_update, "sigma_update")
-    s_image = _check_sigma(sigma_image, "sigma_image")
-    max_step = _check_positive(max_step, "max_step")
-    ok = isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
-    if not ok or not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be a number in [0, 1); got {tolerance!r}")
+    opts = _Options.checked(
+        iterations=iterations, force=force, diffeomorphic=diffeomorphic,
+        sigma_field=sigma_field, sigma_update=sigma_update, sigma_image=sigma_image,
+        max_step=max_step, levels=levels, rounds=rounds, tolerance=tolerance, order=order,
+        keep_fields=keep_fields)
     cal = as_stack(stack, name="stack", min_frames=1 if reference is not None else 2,
                    backend=backend)
     be = cal.backend
     xp = be.xp
     frames = cal.data
     n, h, w = frames.shape
-    if min(h, w) < 2**levels:
-        raise ValueError(f"levels={levels} needs frames of at least {2**levels} px; got "
-                         f"{(h, w)}")
+    if min(h, w) < 2**opts.levels:
+        raise ValueError(f"levels={opts.levels} needs frames of at least {2**opts.levels} px; "
+                         f"got {(h, w)}")
     if reference is not None:
-        ref = as_image(reference, name="reference", backend=be).data
-        if tuple(ref.shape) != (h, w):
-            raise ValueError(f"reference must have the frame shape {(h, w)}; got "
-                             f"{tuple(ref.shape)}")
-        ref = ref.astype(frames.dtype, copy=False)
-        rounds = 1
+        ref = _check_reference(reference, be, frames)
+        opts = replace(opts, rounds=1)
     else:
         ref = frames.mean(axis=0)
-    bsize = _auto_batch(be, frames.shape, batch_size)
-    parameters = dict(iterations=its, force=force, diffeomorphic=diffeomorphic,
-                      sigma_field=s_field, sigma_update=s_update, sigma_image=s_image,
-                      max_step=max_step, levels=levels, rounds=rounds, tolerance=tolerance,
-                      order=order, keep_fields=keep_fields, batch_size=bsize,
-                      reference="given" if reference is not None else "mean",
-                      backend=be.name)
+    bsize = be.frames_per_batch(frames.shape, _BYTES_PER_PIXEL, batch_size=batch_size,
+                                gpu_fraction=1 / 3, cpu_fraction=0.125, cpu_cap=512 * 2**20)
+    parameters = opts.record(batch_size=bsize,
+                             reference="given" if reference is not None else "mean",
+                             backend=be.name)
 
     f32 = xp.float32
-    itmax = max(its)
-    hist_metric = xp.zeros((rounds, levels, itmax, n), dtype=f32)
-    hist_update = xp.zeros((rounds, levels, itmax, n), dtype=f32)
+    hist_shape = (opts.rounds, opts.levels, max(opts.iterations), n)
+    hist_metric = xp.zeros(hist_shape, dtype=f32)
+    hist_update = xp.zeros(hist_shape, dtype=f32)
     # Each frame's mean matched to the reference's: a gain change is not a distortion.
     frame_means = frames.mean(axis=(1, 2))
     registered = xp.empty_like(frames)
-    displacement = xp.zeros((n, 2, h, w), dtype=f32) if keep_fields else None
+    displacement = xp.zeros((n, 2, h, w), dtype=f32) if opts.keep_fields else None
     metric_before = xp.zeros(n, dtype=f32)
     metric_after = xp.zeros(n, dtype=f32)
     iterations_run = xp.zeros(n, dtype=xp.int32)
     flagged = xp.zeros(n, dtype=bool)
 
-    n_batches = -(-n // bsize)
-    bar = progress_bar(progress, total=rounds * n_batches * sum(its), desc="demons", unit="it",
-                       leave=False)
+    workers = _workers(be)
+    chunks = _frame_chunks(n, bsize, workers, h * w)
+    bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
+                       desc="demons", unit="it", leave=False)
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
     try:
-        for rnd in range(rounds):
-            mu = ref.mean()
-            sd = xp.maximum(ref.std(), xp.finfo(f32).tiny)
-            fixed = _pyramid(be, ((ref - mu) / sd).astype(f32)[None], levels, s_image)
-            grads = [_warp.gradient(be, f) for f in fixed]
-            # Intensities in counts: match frame means by a gain. Offset-corrected data (dark
-            # subtracted, means near or below zero): match them by an offset instead.
-            by_gain = bool((frame_means > 1e-3 * sd).all()) and float(mu) > 1e-3 * float(sd)
-            gain = (mu / xp.maximum(frame_means, xp.finfo(f32).tiny)).astype(f32) if by_gain \
-                else xp.ones(n, dtype=f32)
-            shift = xp.zeros(n, dtype=f32) if by_gain else (mu - frame_means).astype(f32)
-            for start in range(0, n, bsize):
-                stop = min(n, start + bsize)
-                raw = frames[start:stop]
-                norm = ((raw * gain[start:stop, None, None] + shift[start:stop, None, None] - mu)
-                        / sd).astype(f32)
-                moving = _pyramid(be, norm, levels, s_image)
-                lev_shape = moving[-1].shape[1:]
-                disp = xp.zeros((stop - start, 2, *lev_shape), dtype=f32)
-                for k, lev in enumerate(range(levels - 1, -1, -1)):
-                    shape = moving[lev].shape[1:]
-                    if tuple(disp.shape[2:]) != tuple(shape):
-                        fac = (shape[0] / disp.shape[2], shape[1] / disp.shape[3])
-                        b_ = disp.shape[0]
-                        up = _warp.resample(be, disp.reshape(2 * b_, *disp.shape[2:]), shape)
-                        disp = up.reshape(b_, 2, *shape)
-                        disp[:, 0] *= fac[0]
-                        disp[:, 1] *= fac[1]
-                    disp, runs = _run_level(
-                        be, moving[lev], fixed[lev], grads[lev], disp, iterations=its[k],
-                        force=force, diffeomorphic=diffeomorphic, sigma_field=s_field,
-                        sigma_update=s_update, max_step=max_step, tolerance=tolerance,
-                        hist_metric=hist_metric[rnd, k, :, start:stop],
-                        hist_update=hist_update[rnd, k, :, start:stop], bar=bar)
-                before = _metric(moving[0] - fixed[0])
-                after = _metric(_warp.warp_batch(be, moving[0], disp) - fixed[0])
-                # A field that makes the match worse is a failure, not a registration.
-                bad = after > before
-                disp = xp.where(bad[:, None, None, None], 0.0, disp).astype(f32, copy=False)
-                after = xp.where(bad, before, after)
-                registered[start:stop] = _warp.warp_batch(be, raw, disp.astype(raw.dtype),
-                                                          order=order)
-                if keep_fields:
-                    displacement[start:stop] = disp
-                metric_before[start:stop] = before
-                metric_after[start:stop] = after
-                iterations_run[start:stop] = runs
-                flagged[start:stop] = bad
+        for rnd in range(opts.rounds):
+            fixed = _fixed_pyramid(be, ref, opts)
+            gain, shift = _intensity_match(be, frame_means, fixed)
+            args = [(be, frames[sl], gain[sl], shift[sl], fixed, opts,
+                     hist_metric[rnd, :, :, sl], hist_update[rnd, :, :, sl], bar)
+                    for sl in chunks]
+            for sl, res in zip(chunks, _batch_results(pool, args), strict=True):
+                registered[sl] = res.registered
+                if opts.keep_fields:
+                    displacement[sl] = res.disp
+                metric_before[sl] = res.before
+                metric_after[sl] = res.after
+                iterations_run[sl] = res.runs
+                flagged[sl] = res.bad
             good = ~flagged
-            n_good = good.sum()
-            new_mean = (registered * good[:, None, None]).sum(axis=0) / xp.maximum(n_good, 1)
-            if rnd + 1 < rounds:
+            new_mean = (registered * good[:, None, None]).sum(axis=0) / xp.maximum(good.sum(), 1)
+            if rnd + 1 < opts.rounds:
                 ref = new_mean.astype(frames.dtype, copy=False)
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown()
 
     return DemonsResult(
         registered=registered,

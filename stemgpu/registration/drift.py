@@ -10,13 +10,14 @@ near zero when the model has captured the drift and the residual is white jitter
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import check_choice
 from .._inputs import resolve_pixel_size
-from ..backend import is_cupy_array, to_host
+from ..backend import HostCopyMixin, is_cupy_array, to_host
 
 __all__ = ["XY", "DriftReport", "drift_report"]
 
@@ -31,7 +32,7 @@ class XY(NamedTuple):
 
 
 @dataclass(frozen=True)
-class DriftReport:
+class DriftReport(HostCopyMixin):
     """Result of :func:`drift_report`. Arrays are (n, 2) in (row, col) = (y, x) order.
 
     Attributes
@@ -110,13 +111,6 @@ class DriftReport:
             c = (h[-1] - h[0]) / (fu[-1] - fu[0])
             norms.append(float(np.sqrt(np.sum(c * c))))
         return XY(x=self.jitter_std_pm.x * norms[1], y=self.jitter_std_pm.y * norms[0])
-
-    def to_numpy(self) -> DriftReport:
-        """A copy (the arrays are NumPy already)."""
-        return replace(self, offsets_pm=np.array(self.offsets_pm),
-                       smooth_pm=np.array(self.smooth_pm), jitter_pm=np.array(self.jitter_pm),
-                       time=np.array(self.time), used=np.array(self.used),
-                       parameters=dict(self.parameters))
 
     def summary(self, as_text: bool = False):
         """The report's figures as a dict (or a few lines of text with ``as_text=True``)."""
@@ -319,45 +313,15 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     >>> round(rep.jitter_std_raw_pm.y, 6)
     0.0
     """
-    px_from_data = None
-    default_exclude = None
-    if hasattr(shifts, "shifts") and hasattr(shifts, "flagged"):
-        px_from_data = shifts.pixel_size_pm
-        default_exclude = to_host(shifts.flagged)
-        shifts = shifts.shifts
-    if is_cupy_array(shifts):
-        shifts = shifts.get()
-    if not (isinstance(shifts, np.ndarray) or isinstance(shifts, list | tuple)):
-        raise TypeError(
-            f"shifts must be an (n, 2) array of px or a RigidResult; got {type(shifts).__name__}")
-    s = np.asarray(shifts, dtype=float)
-    if s.ndim != 2 or s.shape[1] != 2:
-        raise ValueError(f"shifts must have shape (n, 2) (row, col) in px; got {s.shape}")
-    if not np.all(np.isfinite(s)):
-        bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
-        raise ValueError(f"shifts must be finite; frames {bad.tolist()[:20]} are not")
+    s, px_from_data, default_exclude = _shift_input(shifts)
     px = resolve_pixel_size(pixel_size, px_from_data, required=True, what="drift_report")
-    if model not in _MODELS:
-        raise ValueError(f"model={model!r} is not accepted; use one of "
-                         + ", ".join(repr(m) for m in _MODELS))
+    model = check_choice(model, "model", _MODELS)
     if model == "poly" and (isinstance(degree, bool) or not isinstance(degree, numbers.Integral)
                             or degree < 1):
         raise ValueError(f"degree must be an integer >= 1 for model='poly'; got {degree!r}")
-    ft = None
-    if frame_time is not None:
-        try:
-            ft = float(frame_time)
-        except (TypeError, ValueError):
-            raise ValueError(f"frame_time must be a positive number of s; got {frame_time!r}"
-                             ) from None
-        if not np.isfinite(ft) or ft <= 0:
-            raise ValueError(f"frame_time must be a positive number of s; got {frame_time!r}")
+    ft = _check_frame_time(frame_time)
     n = len(s)
-    if exclude is None:
-        exclude = default_exclude if default_exclude is not None else np.zeros(n, dtype=bool)
-    exclude = np.asarray(exclude, dtype=bool)
-    if exclude.shape != (n,):
-        raise ValueError(f"exclude must be a boolean mask of shape ({n},); got {exclude.shape}")
+    exclude = _check_exclude(exclude, default_exclude, n)
     used = ~exclude
     need = {"linear": 3, "poly": int(degree) + 2, "spline": 5}[model]
     if used.sum() < need:
@@ -404,3 +368,47 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
                     "frame_time": ft,
                     "pixel_size_pm": px, "excluded": np.flatnonzero(exclude).tolist()},
     )
+
+
+def _shift_input(shifts):
+    """Host (n, 2) float shifts, and the pixel size and flagged frames of a RigidResult."""
+    px_from_data = None
+    default_exclude = None
+    if hasattr(shifts, "shifts") and hasattr(shifts, "flagged"):
+        px_from_data = shifts.pixel_size_pm
+        default_exclude = to_host(shifts.flagged)
+        shifts = shifts.shifts
+    if is_cupy_array(shifts):
+        shifts = shifts.get()
+    if not (isinstance(shifts, np.ndarray) or isinstance(shifts, list | tuple)):
+        raise TypeError(
+            f"shifts must be an (n, 2) array of px or a RigidResult; got {type(shifts).__name__}")
+    s = np.asarray(shifts, dtype=float)
+    if s.ndim != 2 or s.shape[1] != 2:
+        raise ValueError(f"shifts must have shape (n, 2) (row, col) in px; got {s.shape}")
+    if not np.all(np.isfinite(s)):
+        bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
+        raise ValueError(f"shifts must be finite; frames {bad.tolist()[:20]} are not")
+    return s, px_from_data, default_exclude
+
+
+def _check_frame_time(frame_time):
+    if frame_time is None:
+        return None
+    try:
+        ft = float(frame_time)
+    except (TypeError, ValueError):
+        raise ValueError(f"frame_time must be a positive number of s; got {frame_time!r}"
+                         ) from None
+    if not np.isfinite(ft) or ft <= 0:
+        raise ValueError(f"frame_time must be a positive number of s; got {frame_time!r}")
+    return ft
+
+
+def _check_exclude(exclude, default_exclude, n):
+    if exclude is None:
+        exclude = default_exclude if default_exclude is not None else np.zeros(n, dtype=bool)
+    exclude = np.asarray(exclude, dtype=bool)
+    if exclude.shape != (n,):
+        raise ValueError(f"exclude must be a boolean mask of shape ({n},); got {exclude.shape}")
+    return exclude
