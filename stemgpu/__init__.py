@@ -33,6 +33,7 @@ _LAZY = {
     "Lattice": "stemgpu.synthetic",
     "register_rigid": "stemgpu.registration.rigid",
     "RigidResult": "stemgpu.registration.rigid",
+    "apply_shifts": "stemgpu.registration.rigid",
     "drift_report": "stemgpu.registration.drift",
     "DriftReport": "stemgpu.registration.drift",
     "register_demons": "stemgpu.registration.demons",

@@ -126,6 +126,23 @@ class Backend:
             return int(free)
         return _host_available_memory()
 
+    @property
+    def fft_kwargs(self) -> dict:
+        """Extra keywords of this backend's FFTs: every core for ``scipy.fft`` (NumPy);
+        none for ``cupyx.scipy.fft``, which has no ``workers`` argument."""
+        return {"workers": -1} if self.name == "numpy" else {}
+
+    @property
+    def cpu_workers(self) -> int:
+        """Threads a stage may run side by side: one per usable CPU core on NumPy (its
+        array loops release the GIL); one on a GPU, whose kernels queue on one stream."""
+        if self.is_gpu:
+            return 1
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+
     def frames_per_batch(self, shape: tuple[int, ...], bytes_per_pixel: int, *,
                          batch_size: Any = "auto", gpu_fraction: float = 0.25,
                          cpu_fraction: float = 0.125, cpu_cap: int = 256 * 2**20,

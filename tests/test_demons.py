@@ -455,9 +455,11 @@ def test_batches_on_cpu_threads_give_the_same_numbers(monkeypatch):
         slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)]
     stack, _ = simulate_stack((4, 512, 512), line_jitter_px=0.3, dose=300, seed=5)
     kw = dict(iterations=4, backend="numpy")
-    monkeypatch.setattr(demons_mod, "_workers", lambda be: 2)
+    from stemgpu.backend import Backend
+
+    monkeypatch.setattr(Backend, "cpu_workers", property(lambda be: 2))
     threaded = register_demons(stack, **kw)
-    monkeypatch.setattr(demons_mod, "_workers", lambda be: 1)
+    monkeypatch.setattr(Backend, "cpu_workers", property(lambda be: 1))
     serial = register_demons(stack, **kw)
     for name in ("registered", "displacement", "metric_history", "update_history",
                  "iterations", "mean"):

@@ -29,17 +29,12 @@ TWO_PI = 2.0 * math.pi
 PEAK_TOLERANCE = 0.05
 
 
-def _fft_kwargs(be) -> dict:
-    # scipy.fft can use every core; cupyx.scipy.fft has no ``workers`` argument.
-    return {"workers": -1} if be.name == "numpy" else {}
-
-
 def rfft2(be, a, s=None):
-    return be.fft.rfft2(a, s=s, axes=(-2, -1), **_fft_kwargs(be))
+    return be.fft.rfft2(a, s=s, axes=(-2, -1), **be.fft_kwargs)
 
 
 def irfft2(be, a, s):
-    return be.fft.irfft2(a, s=s, axes=(-2, -1), **_fft_kwargs(be))
+    return be.fft.irfft2(a, s=s, axes=(-2, -1), **be.fft_kwargs)
 
 
 def hann_window(xp, shape, dtype="float32"):

@@ -16,7 +16,6 @@ pieces of a batch run side by side on CPU threads (NumPy's array loops release t
 from __future__ import annotations
 
 import numbers
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -426,17 +425,6 @@ def _upsample_field(be, disp, shape):
     return disp
 
 
-def _workers(be) -> int:
-    """Batches run side by side: one per CPU core on NumPy, whose array loops release the
-    GIL; one at a time on a GPU, whose kernels queue on one stream anyway."""
-    if be.is_gpu:
-        return 1
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _frame_chunks(n, batch_size, workers, frame_pixels):
     """Frame slices advanced together: with several workers, each batch of ``batch_size``
     frames is split evenly among them (the memory in use stays that of one batch), unless
@@ -631,7 +619,7 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     iterations_run = xp.zeros(n, dtype=xp.int32)
     flagged = xp.zeros(n, dtype=bool)
 
-    workers = _workers(be)
+    workers = be.cpu_workers
     chunks = _frame_chunks(n, bsize, workers, h * w)
     bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
