@@ -1,8 +1,11 @@
-"""Nion Swift readers, lazy frame sources and sidpy adapters.
+"""Nion Swift readers, lazy frame sources and sidpy adapters, on hand-made files.
 
-Every test file is written here following Nion Swift's documented layout: ``.ndata1`` is a
-zip holding ``data.npy`` + ``metadata.json`` (the properties dict), ``.h5`` is an HDF5 file
-with a ``data`` dataset carrying the properties as a JSON string attribute.
+The files here are written by this module in Nion Swift's *library* layout (the properties
+with ``dimensional_calibrations``, as its project storage writes them): ``.ndata`` is a zip
+holding ``data.npy`` + ``metadata.json``, ``.h5`` an HDF5 file with a ``data`` dataset carrying
+the properties as a JSON string attribute. They cover what Nion Swift does not write (damaged,
+legacy and unsupported items). Files written by Nion Swift's own code, in every layout and
+container, are tested at the end of this module (``nion_files``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ PIXEL_NM = 0.0146  # 14.6 pm
 
 def nion_properties(shape, *, sequence=None, units="nm", scale=PIXEL_NM, exposure=0.25,
                     extra=None):
-    """A Nion Swift properties dict for an image (2-D) or a sequence of images (3-D)."""
+    """Nion Swift library-layout properties for an image (2-D) or a sequence of images (3-D)."""
     seq = len(shape) == 3 if sequence is None else sequence
     cals = [{"offset": 0.0, "scale": 1.0, "units": ""}] if len(shape) == 3 else []
     cals += [{"offset": -1.5, "scale": scale, "units": units},
@@ -58,7 +61,7 @@ def nion_properties(shape, *, sequence=None, units="nm", scale=PIXEL_NM, exposur
     return props
 
 
-def write_ndata1(path, data, props, *, compression=zipfile.ZIP_STORED):
+def write_ndata(path, data, props, *, compression=zipfile.ZIP_STORED):
     buf = io.BytesIO()
     np.save(buf, data)
     with zipfile.ZipFile(path, "w", compression) as zf:
@@ -87,7 +90,7 @@ def sha(path):
 # ------------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("fmt", ["ndata1", "ndata1-deflated", "h5"])
+@pytest.mark.parametrize("fmt", ["ndata", "ndata-deflated", "h5"])
 def test_sequence_roundtrip_values_and_calibration(tmp_path, stack, fmt):
     data, _ = stack
     props = nion_properties(data.shape)
@@ -95,7 +98,7 @@ def test_sequence_roundtrip_values_and_calibration(tmp_path, stack, fmt):
         path = write_nion_h5(tmp_path / "seq.h5", data, props)
     else:
         comp = zipfile.ZIP_DEFLATED if fmt.endswith("deflated") else zipfile.ZIP_STORED
-        path = write_ndata1(tmp_path / "seq.ndata1", data, props, compression=comp)
+        path = write_ndata(tmp_path / "seq.ndata", data, props, compression=comp)
     before = sha(path)
     ds = stemgpu.open(path)
     assert ds.shape == data.shape
@@ -120,13 +123,13 @@ def test_sequence_roundtrip_values_and_calibration(tmp_path, stack, fmt):
     assert ds.original_metadata == props  # every original key kept
     assert ds.units == "counts"
     assert sha(path) == before  # reading never modifies the file
-    expected_kind = {"ndata1": "memmap", "ndata1-deflated": "zip-compressed", "h5": "hdf5"}
+    expected_kind = {"ndata": "memmap", "ndata-deflated": "zip-compressed", "h5": "hdf5"}
     assert ds.metadata["source"]["storage"] == expected_kind[fmt]
 
 
-def test_ndata1_is_memory_mapped_at_member_offset(tmp_path, stack):
+def test_ndata_is_memory_mapped_at_member_offset(tmp_path, stack):
     data, _ = stack
-    path = write_ndata1(tmp_path / "seq.ndata1", data, nion_properties(data.shape))
+    path = write_ndata(tmp_path / "seq.ndata", data, nion_properties(data.shape))
     offset, shape, dtype, fortran = npy_member_layout(path)
     assert (shape, dtype, fortran) == (data.shape, np.dtype("float32"), False)
     raw = open(path, "rb").read()
@@ -178,7 +181,7 @@ def test_image_and_units(tmp_path, stack):
     data, _ = stack
     img = data[0]
     props = nion_properties(img.shape, units="Å", scale=0.146)
-    ds = stemgpu.open(write_ndata1(tmp_path / "img.ndata1", img, props))
+    ds = stemgpu.open(write_ndata(tmp_path / "img.ndata", img, props))
     assert ds.shape == img.shape
     assert [ds._axes[i].dimension_type.name for i in range(2)] == ["SPATIAL", "SPATIAL"]
     assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, abs=1e-9)
@@ -193,15 +196,15 @@ def test_frame_time_from_sequence_calibration_and_pixel_time(tmp_path, stack):
     data, _ = stack
     props = nion_properties(data.shape)
     props["dimensional_calibrations"][0] = {"offset": 0.0, "scale": 400.0, "units": "ms"}
-    ds = stemgpu.open(write_ndata1(tmp_path / "a.ndata1", data, props))
+    ds = stemgpu.open(write_ndata(tmp_path / "a.ndata", data, props))
     assert ds.metadata["frame_time_s"] == pytest.approx(0.4)
     props = nion_properties(data.shape)
     del props["metadata"]["hardware_source"]["exposure"]
-    ds = stemgpu.open(write_ndata1(tmp_path / "b.ndata1", data, props))
+    ds = stemgpu.open(write_ndata(tmp_path / "b.ndata", data, props))
     assert ds.metadata["frame_time_s"] == pytest.approx(2e-6 * 48 * 40)
     props = nion_properties(data.shape)
     props["metadata"] = {}
-    ds = stemgpu.open(write_ndata1(tmp_path / "c.ndata1", data, props))
+    ds = stemgpu.open(write_ndata(tmp_path / "c.ndata", data, props))
     assert "frame_time_s" not in ds.metadata
     assert ds._axes[0].units == "frame"
 
@@ -209,22 +212,22 @@ def test_frame_time_from_sequence_calibration_and_pixel_time(tmp_path, stack):
 def test_pixel_size_keyword_overrides_and_replaces_missing(tmp_path, stack):
     data, _ = stack
     props = nion_properties(data.shape, units="", scale=1.0)
-    path = write_ndata1(tmp_path / "uncal.ndata1", data, props)
-    with pytest.raises(ValueError, match=r"uncal\.ndata1.*missing spatial calibration.*"
+    path = write_ndata(tmp_path / "uncal.ndata", data, props)
+    with pytest.raises(ValueError, match=r"uncal\.ndata.*missing spatial calibration.*"
                                          r"pixel_size="):
         stemgpu.open(path)
     ds = stemgpu.open(path, pixel_size=20.0)
     assert ds.metadata["pixel_size_pm"] == 20.0
     assert ds.metadata["pixel_size_source"] == "pixel_size="
-    cal = write_ndata1(tmp_path / "cal.ndata1", data, nion_properties(data.shape))
+    cal = write_ndata(tmp_path / "cal.ndata", data, nion_properties(data.shape))
     assert stemgpu.open(cal, pixel_size=15.0).metadata["pixel_size_pm"] == 15.0
-    with pytest.raises(ValueError, match="pixel_size must be a positive number"):
+    with pytest.raises(ValueError, match="pixel_size must be a finite number > 0; got -1"):
         stemgpu.open(cal, pixel_size=-1)
 
 
 def test_public_functions_take_calibration_from_nion_dataset(tmp_path, stack):
     data, _ = stack
-    ds = stemgpu.open(write_ndata1(tmp_path / "seq.ndata1", data, nion_properties(data.shape)))
+    ds = stemgpu.open(write_ndata(tmp_path / "seq.ndata", data, nion_properties(data.shape)))
     res = stemgpu.register_rigid(ds, backend="numpy")
     assert res.pixel_size_pm == pytest.approx(14.6)
     plain = stemgpu.register_rigid(data, backend="numpy")
@@ -236,25 +239,25 @@ def test_public_functions_take_calibration_from_nion_dataset(tmp_path, stack):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nothere\.ndata1.*no such file"):
-        stemgpu.open(tmp_path / "nothere.ndata1")
+    with pytest.raises(FileNotFoundError, match=r"nothere\.ndata.*no such file"):
+        stemgpu.open(tmp_path / "nothere.ndata")
     with pytest.raises(TypeError, match="path must be a str or os.PathLike; got int"):
         stemgpu.open(3)
 
 
 def test_not_a_nion_file(tmp_path):
-    txt = tmp_path / "notes.ndata1"
+    txt = tmp_path / "notes.ndata"
     txt.write_text("hello")
-    with pytest.raises(nion.NionFormatError, match=r"notes\.ndata1.*not a Nion file"):
+    with pytest.raises(nion.NionFormatError, match=r"notes\.ndata.*not a Nion file"):
         stemgpu.open(txt)
     other = tmp_path / "other.txt"
     other.write_text("hello")
     with pytest.raises(ValueError, match=r"other\.txt.*not a Nion file"):
         stemgpu.open(other)
-    zpath = tmp_path / "wrong.ndata1"
+    zpath = tmp_path / "wrong.ndata"
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("readme.txt", "x")
-    with pytest.raises(ValueError, match=r"wrong\.ndata1.*lacks data\.npy"):
+    with pytest.raises(ValueError, match=r"wrong\.ndata.*lacks data\.npy"):
         stemgpu.open(zpath)
     hpath = tmp_path / "plain.h5"
     with h5py.File(hpath, "w") as fh:
@@ -271,11 +274,11 @@ def test_not_a_nion_file(tmp_path):
 
 def test_truncated_zip(tmp_path, stack):
     data, _ = stack
-    path = write_ndata1(tmp_path / "cut.ndata1", data, nion_properties(data.shape))
+    path = write_ndata(tmp_path / "cut.ndata", data, nion_properties(data.shape))
     raw = open(path, "rb").read()
     with open(path, "wb") as fh:
         fh.write(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match=r"cut\.ndata1.*truncated or corrupt zip"):
+    with pytest.raises(ValueError, match=r"cut\.ndata.*truncated or corrupt zip"):
         stemgpu.open(path)
     h5path = write_nion_h5(tmp_path / "cut.h5", data, nion_properties(data.shape))
     raw = open(h5path, "rb").read()
@@ -292,25 +295,25 @@ def test_unsupported_dimensionality(tmp_path, case):
         props = nion_properties((5, 6), extra={"collection_dimension_count": 2,
                                                "is_sequence": False})
         props["dimensional_calibrations"] = [{"scale": 1, "units": "nm"}] * 4
-        msg = r"4d\.ndata1.*unsupported dimensionality.*4-D STEM"
+        msg = r"4d\.ndata.*unsupported dimensionality.*4-D STEM"
     elif case == "spectrum":
         data = np.zeros(100, np.float32)
         props = nion_properties((100,), sequence=False, extra={"datum_dimension_count": 1})
         props["dimensional_calibrations"] = [{"scale": 1, "units": "eV"}]
-        msg = r"spectrum\.ndata1.*unsupported dimensionality.*spectra"
+        msg = r"spectrum\.ndata.*unsupported dimensionality.*spectra"
     elif case == "rgb":
         data = np.zeros((8, 8, 3), np.uint8)
         props = nion_properties((8, 8), sequence=False)
-        msg = r"rgb\.ndata1.*unsupported dimensionality.*RGB"
+        msg = r"rgb\.ndata.*unsupported dimensionality.*RGB"
     elif case == "mismatch":
         data = np.zeros((8, 8), np.float32)
         props = nion_properties((2, 8, 8), sequence=True)
-        msg = r"mismatch\.ndata1.*descriptor does not match"
+        msg = r"mismatch\.ndata.*descriptor does not match"
     else:
         data = np.zeros((8, 8), np.complex64)
         props = nion_properties((8, 8))
-        msg = r"complex\.ndata1.*unsupported data type complex64"
-    path = write_ndata1(tmp_path / f"{case}.ndata1", data, props)
+        msg = r"complex\.ndata.*unsupported data type complex64"
+    path = write_ndata(tmp_path / f"{case}.ndata", data, props)
     with pytest.raises(ValueError, match=msg):
         stemgpu.open(path)
 
@@ -319,8 +322,8 @@ def test_non_square_pixels(tmp_path, stack):
     data, _ = stack
     props = nion_properties(data.shape)
     props["dimensional_calibrations"][2]["scale"] = 0.02
-    with pytest.raises(ValueError, match=r"sq\.ndata1.*non-square pixels"):
-        stemgpu.open(write_ndata1(tmp_path / "sq.ndata1", data, props))
+    with pytest.raises(ValueError, match=r"sq\.ndata.*non-square pixels"):
+        stemgpu.open(write_ndata(tmp_path / "sq.ndata", data, props))
 
 
 # ------------------------------------------------------------------------------- lazy source
@@ -334,7 +337,7 @@ def test_lazy_stack_indexing_matches_numpy(tmp_path, stack, fmt):
         src = nion.open_frames(write_nion_h5(tmp_path / "s.h5", data, props))
     else:
         comp = zipfile.ZIP_DEFLATED if fmt == "deflated" else zipfile.ZIP_STORED
-        src = nion.open_frames(write_ndata1(tmp_path / "s.ndata1", data, props,
+        src = nion.open_frames(write_ndata(tmp_path / "s.ndata", data, props,
                                             compression=comp))
     with src:
         assert src.shape == data.shape and len(src) == 5 and src.dtype == np.float32
@@ -348,13 +351,13 @@ def test_lazy_stack_indexing_matches_numpy(tmp_path, stack, fmt):
         assert [b.shape[0] for b in batches] == [2, 2, 1]
         np.testing.assert_array_equal(np.concatenate(batches), data)
         np.testing.assert_array_equal(np.asarray(src), data)
-        with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
             next(src.iter_batches(0))
 
 
 def test_lazy_view_does_not_alias_memmap(tmp_path, stack):
     data, _ = stack
-    src = nion.open_frames(write_ndata1(tmp_path / "s.ndata1", data,
+    src = nion.open_frames(write_ndata(tmp_path / "s.ndata", data,
                                         nion_properties(data.shape)))
     frame = src[0]
     frame[:] = -1  # must not touch the read-only map
@@ -390,8 +393,8 @@ def test_legacy_item_without_descriptor(tmp_path, stack):
     props = nion_properties(data.shape)
     for key in ("is_sequence", "collection_dimension_count", "datum_dimension_count"):
         del props[key]
-    ds = stemgpu.open(write_ndata1(tmp_path / "legacy.ndata1", data, props))
+    ds = stemgpu.open(write_ndata(tmp_path / "legacy.ndata", data, props))
     assert ds.shape == data.shape and ds._axes[0].dimension_type.name == "TEMPORAL"
     props["dimensional_calibrations"][2] = {"offset": 0, "scale": 0.1, "units": "eV"}
-    with pytest.raises(ValueError, match=r"legacy_si\.ndata1.*unsupported dimensionality.*eV"):
-        stemgpu.open(write_ndata1(tmp_path / "legacy_si.ndata1", data, props))
+    with pytest.raises(ValueError, match=r"legacy_si\.ndata.*unsupported dimensionality.*eV"):
+        stemgpu.open(write_ndata(tmp_path / "legacy_si.ndata", data, props))
