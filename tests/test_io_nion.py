@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import sys
 import zipfile
 
 import h5py
@@ -398,3 +400,220 @@ def test_legacy_item_without_descriptor(tmp_path, stack):
     props["dimensional_calibrations"][2] = {"offset": 0, "scale": 0.1, "units": "eV"}
     with pytest.raises(ValueError, match=r"legacy_si\.ndata.*unsupported dimensionality.*eV"):
         stemgpu.open(write_ndata(tmp_path / "legacy_si.ndata", data, props))
+
+
+# ------------------------------------------------------------------------------- malformed input
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"dimensional_calibrations": "nm"}, r"dimensional_calibrations must be a list"),
+    ({"dimensional_calibrations": [None, "nm", {}]}, r"dimensional_calibrations\[1\] must be "
+                                                     r"a dict"),
+    ({"dimensional_calibrations": [{}, {"scale": "0.0146", "units": "nm"}, {}]},
+     r"dimensional_calibrations\[1\]\['scale'\] must be a finite number; got '0.0146'"),
+    ({"dimensional_calibrations": [{}, {"scale": 0.0146, "units": 3}, {}]},
+     r"dimensional_calibrations\[1\]\['units'\] must be a string; got 3"),
+    ({"dimensional_calibrations": [{}, {"offset": float("nan"), "scale": 1}, {}]},
+     r"\['offset'\] must be a finite number"),
+    ({"intensity_calibration": [1, 2]}, r"intensity_calibration must be a dict"),
+    ({"collection_dimension_count": "0"}, r"collection_dimension_count must be an integer"),
+    ({"datum_dimension_count": -2}, r"datum_dimension_count must be an integer >= 0"),
+    ({"is_sequence": "yes"}, r"is_sequence must be true or false"),
+])
+def test_malformed_properties_raise_nion_format_error(tmp_path, bad, where):
+    data = np.zeros((2, 4, 4), np.float32)
+    props = {**nion_properties(data.shape), **bad}
+    path = write_ndata(tmp_path / "bad.ndata", data, props)
+    with pytest.raises(nion.NionFormatError, match=r"bad\.ndata.*malformed .*" + where):
+        stemgpu.open(path)
+    with pytest.raises(nion.NionFormatError, match=r"bad\.ndata.*malformed"):
+        stemgpu.open_frames(path)
+
+
+def test_non_numeric_metadata_is_ignored_not_fatal(tmp_path):
+    data = np.zeros((2, 4, 4), np.float32)
+    props = nion_properties(data.shape)
+    props["metadata"]["hardware_source"]["exposure"] = "fast"
+    ds = stemgpu.open(write_ndata(tmp_path / "m.ndata", data, props))
+    assert "exposure_s" not in ds.metadata
+    assert ds.metadata["frame_time_s"] == pytest.approx(2e-6 * 16)  # from pixel_time_us
+
+
+# ------------------------------------------------------------------------------- provenance
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_source_record_and_source_of(tmp_path, stack, lazy):
+    data, _ = stack
+    props = nion_properties(data.shape)
+    path = write_ndata(tmp_path / "seq.ndata", data, props)
+    ds = stemgpu.open(path, lazy=lazy)
+    record = ds.metadata["source"]
+    assert record["path"] == str(tmp_path / "seq.ndata")
+    assert record["format"] == "nion-ndata" and record["layout"] == "library"
+    assert record["size_bytes"] == len(open(path, "rb").read())
+    assert record["sha256"] == (None if lazy else sha(path))  # a lazy open reads no pixels
+    src = nion.source_of(ds)
+    assert src["sha256"] == sha(path) and "changed_since_open" not in src
+    assert src["original_metadata"] == props
+    assert ds.metadata["source"]["sha256"] == sha(path)  # computed once, kept
+    frames = stemgpu.open_frames(path)
+    assert nion.source_of(frames, checksum=False)["sha256"] is None
+    assert frames.original_metadata == props
+    with open(path, "ab") as fh:  # the file changes after it was opened
+        fh.write(b"\0")
+    assert nion.source_of(frames)["changed_since_open"] is True
+    assert nion.source_of(np.zeros(3)) is None
+    assert nion.source_of(to_dataset(data)) is None
+
+
+# ------------------------------------------------------------------------------- Nion Swift's files
+#
+# Every file below is written by Nion Swift's own code (tests/nion_files.py): its project
+# storage, its storage handlers, its File > Export writers and nionswift-io's TIFF exporter.
+
+@pytest.fixture(scope="module")
+def nf():
+    pytest.importorskip("nion.swift.model.DataItem",
+                        reason="nionswift is not installed (pip install nionswift)")
+    sys.path.insert(0, os.path.dirname(__file__))
+    import nion_files
+
+    return nion_files
+
+
+@pytest.fixture(scope="module")
+def swift_stack():
+    rng = np.random.default_rng(17)
+    return rng.normal(100.0, 10.0, size=(4, 24, 20)).astype(np.float32)
+
+
+def check_nion_dataset(ds, data, nf, *, frame_axis=True, exact_metadata=True):
+    """Values, 14.6 pm, origin, frame axis, metadata and timestamp of a Nion Swift file."""
+    np.testing.assert_array_equal(np.asarray(ds.compute()), data)
+    assert ds.dtype == data.dtype
+    assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, abs=1e-9)
+    assert stemgpu._inputs.pixel_size_from_dataset(ds) == pytest.approx(14.6, rel=1e-9)
+    y, x = ds._axes[ds.ndim - 2], ds._axes[ds.ndim - 1]
+    assert y.units == x.units == "nm"
+    np.testing.assert_allclose(y.values, nf.ORIGIN_NM[0] + np.arange(data.shape[-2])
+                               * nf.PIXEL_NM, atol=1e-12)
+    np.testing.assert_allclose(x.values, nf.ORIGIN_NM[1] + np.arange(data.shape[-1])
+                               * nf.PIXEL_NM, atol=1e-12)
+    if data.ndim == 3:
+        assert ds._axes[0].dimension_type.name == "TEMPORAL"
+        if frame_axis:
+            assert ds._axes[0].units == "s"
+            np.testing.assert_allclose(ds._axes[0].values, np.arange(len(data)) * nf.FRAME_S)
+            assert ds.metadata["frame_time_s"] == nf.FRAME_S
+            assert ds.metadata["frame_time_source"] == "sequence calibration"
+    assert ds.metadata["created"] == nf.CREATED_UTC.isoformat()
+    assert ds.metadata["exposure_s"] == 0.25
+    assert ds.metadata["hardware_source"] == "SuperScan"
+    assert ds.units == "counts"
+    if exact_metadata:
+        assert ds.metadata["timezone"] == nf.TIMEZONE
+        assert ds.metadata["timezone_offset"] == nf.TIMEZONE_OFFSET
+        assert ds.original_metadata["metadata"] == nf.METADATA
+    else:  # the TIFF export keeps only hardware_source
+        assert ds.original_metadata["properties"] == nf.METADATA["hardware_source"]
+
+
+@pytest.mark.parametrize("kind", ["ndata", "h5"])
+@pytest.mark.parametrize("frames", [True, False])
+def test_nion_swift_library_items(tmp_path, nf, swift_stack, kind, frames):
+    data = swift_stack if frames else swift_stack[0]
+    path = nf.library_items(tmp_path, data)[kind]
+    before = sha(path)
+    ds = stemgpu.open(path)
+    check_nion_dataset(ds, data, nf)
+    assert ds.metadata["source"]["format"] == f"nion-{kind}"
+    assert ds.metadata["source"]["layout"] == "library"
+    assert ds.title == ("HAADF sequence" if frames else "HAADF")
+    src = stemgpu.open_frames(path)
+    with src:
+        np.testing.assert_array_equal(src[1:3], data[1:3])
+        assert src.pixel_size_pm == pytest.approx(14.6)
+    assert sha(path) == before
+
+
+@pytest.mark.parametrize("suffix", [".ndata", ".h5"])
+def test_nion_swift_storage_handlers(tmp_path, nf, swift_stack, suffix):
+    path = nf.storage_handler_file(tmp_path / f"item{suffix}", swift_stack)
+    check_nion_dataset(stemgpu.open(path), swift_stack, nf)
+
+
+@pytest.mark.parametrize("name", ["export.ndata1", "renamed.ndata"])
+@pytest.mark.parametrize("frames", [True, False])
+def test_nion_swift_ndata1_export(tmp_path, nf, swift_stack, name, frames):
+    data = swift_stack if frames else swift_stack[0]
+    written = nf.export(tmp_path, data, "export.ndata1")
+    path = str(tmp_path / name)
+    if name != "export.ndata1":
+        os.rename(written, path)  # the layout is read from the content, not the name
+    props = json.loads(zipfile.ZipFile(path).read("metadata.json"))
+    assert "spatial_calibrations" in props and "dimensional_calibrations" not in props
+    ds = stemgpu.open(path)
+    check_nion_dataset(ds, data, nf)
+    assert ds.metadata["source"]["format"] == "nion-ndata1"
+    assert ds.metadata["created_from"] == "datetime_original"
+    assert ds.original_metadata == props
+    with stemgpu.open_frames(path) as src:
+        assert src.kind == "memmap"
+        np.testing.assert_array_equal(src[-1], data[-1])
+
+
+@pytest.mark.parametrize("frames", [True, False])
+def test_nion_swift_nhdf_export(tmp_path, nf, swift_stack, frames):
+    data = swift_stack if frames else swift_stack[0]
+    path = nf.export(tmp_path, data, "export.nhdf")
+    ds = stemgpu.open(path)
+    check_nion_dataset(ds, data, nf)
+    assert ds.metadata["source"]["format"] == "nion-nhdf"
+    assert ds.metadata["source"]["item"] == "data/0"
+    assert ds.metadata["source"]["items_in_file"] == 1
+    with stemgpu.open_frames(path) as src:
+        np.testing.assert_array_equal(src[0], data[0])
+
+
+@pytest.mark.parametrize("frames", [True, False])
+def test_nion_swift_tiff_export(tmp_path, nf, swift_stack, frames):
+    pytest.importorskip("nionswift_plugin.TIFF_IO", reason="nionswift-io is not installed")
+    data = swift_stack if frames else swift_stack[0]
+    path = nf.export_tiff(tmp_path / "export.tif", data)
+    ds = stemgpu.open(path)
+    check_nion_dataset(ds, data, nf, exact_metadata=False)
+    assert ds.metadata["source"]["format"] == "nion-tiff"
+    assert ds.metadata["source"]["storage"] == "tiff"
+    assert ds.metadata["created_from"] == "timestamp"
+    with stemgpu.open_frames(path) as src:
+        assert src.kind == "memmap"
+        np.testing.assert_array_equal(src[:], data)
+
+
+def test_nion_swift_h5_held_open_by_another_process(tmp_path, nf, swift_stack):
+    with nf.hold_open_h5(tmp_path, swift_stack) as path:
+        with pytest.raises(OSError, match="unable to lock file"):
+            h5py.File(path, "r")  # the HDF5 lock the running Nion Swift holds
+        ds = stemgpu.open(path)
+        check_nion_dataset(ds, swift_stack, nf)
+        with stemgpu.open_frames(path) as src:
+            np.testing.assert_array_equal(src[2], swift_stack[2])
+        eager = stemgpu.open(path, lazy=False)
+        np.testing.assert_array_equal(np.asarray(eager.compute()), swift_stack)
+
+
+def test_nion_swift_h5_mid_write(tmp_path, nf):
+    from nion.swift.model import HDF5Handler
+
+    # Nion Swift writes an item's properties before its data: caught in between
+    path = tmp_path / "midwrite.h5"
+    handler = HDF5Handler.HDF5Handler(path)
+    try:
+        handler.write_properties(nf.data_item(np.zeros((4, 4), np.float32)).write_to_dict(),
+                                 nf.CREATED_UTC)
+        with pytest.raises(nion.NionFormatError,
+                           match=r"midwrite\.h5.*holds no data yet.*mid-write.*read it again"):
+            stemgpu.open(path)
+    finally:
+        handler.close()

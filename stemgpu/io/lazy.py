@@ -26,7 +26,7 @@ import numpy as np
 from .._checks import check_int
 from .._progress import progress_bar
 
-__all__ = ["LazyStack", "npy_member_layout"]
+__all__ = ["LazyStack", "npy_member_layout", "open_hdf5"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
@@ -76,6 +76,40 @@ def npy_member_layout(path: str | os.PathLike, member: str = "data.npy"):
     if offset + nbytes > os.path.getsize(path):
         raise zipfile.BadZipFile(f"{os.fspath(path)!r}: {member!r} is truncated")
     return offset, tuple(shape), np.dtype(dtype), bool(fortran)
+
+
+def open_hdf5(path: str | os.PathLike):
+    """Open an HDF5 file read-only without the HDF5 file lock (an ``h5py.File``).
+
+    Nion Swift keeps the ``.h5`` items of an open project open in append mode, holding the
+    lock, so a locking reader would be refused. When this process itself already has the
+    file open with locking (HDF5 then refuses a second open with other locking flags), the
+    file is opened with the default flags instead, which shares the open file.
+
+    Raises
+    ------
+    OSError
+        As ``h5py.File`` (missing, truncated or corrupt file).
+
+    Examples
+    --------
+    >>> import os, tempfile, h5py
+    >>> from stemgpu.io.lazy import open_hdf5
+    >>> path = os.path.join(tempfile.mkdtemp(), "item.h5")
+    >>> with h5py.File(path, "w") as fh:
+    ...     fh["data"] = [1.0, 2.0]
+    >>> with h5py.File(path, "a") as writer, open_hdf5(path) as reader:
+    ...     reader["data"][1]
+    np.float64(2.0)
+    """
+    import h5py
+
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        if "locking flag values don't match" not in str(exc):
+            raise
+        return h5py.File(path, "r")
 
 
 class LazyStack:
@@ -159,7 +193,7 @@ class LazyStack:
         """
         import h5py
 
-        fh = h5py.File(path, "r", locking=False)
+        fh = open_hdf5(path)
         try:
             dset = fh[dataset]
             if not isinstance(dset, h5py.Dataset):

@@ -57,7 +57,7 @@ import numpy as np
 
 from .._checks import check_real
 from .._inputs import length_to_pm
-from .lazy import LazyStack, npy_member_layout
+from .lazy import LazyStack, npy_member_layout, open_hdf5
 
 __all__ = ["NionFormatError", "open", "open_frames", "read_nion", "source_of"]
 
@@ -122,11 +122,8 @@ def _parse_properties(path: str, raw: Any, where: str) -> dict:
 
 
 def _open_h5(path: str):
-    import h5py
-
     try:
-        # locking=False: Nion Swift holds its .h5 items open for writing (and the lock)
-        return h5py.File(path, "r", locking=False)
+        return open_hdf5(path)  # no file lock: Nion Swift holds its .h5 items open
     except OSError as exc:
         raise _fail(path, f"truncated or corrupt HDF5 file, or one caught mid-write ({exc}); "
                           f"{_MID_WRITE}") from None
