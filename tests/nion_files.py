@@ -16,13 +16,17 @@ packages, the same code the application runs:
 - :func:`hold_open_h5`: a child process that keeps a project's ``.h5`` item open in append
   mode, as a running Nion Swift does.
 
-Import this module only after ``pytest.importorskip("nion.swift")``.
+Those need ``nionswift`` (and ``nionswift-io`` for TIFF/DM); they import it when called, so
+call them after ``pytest.importorskip("nion.swift.model.DataItem")``. One writer needs no Nion
+package: :func:`write_library_ndata` builds a minimal library-layout ``.ndata`` by hand, for
+tests that only need *a* calibrated Nion file (the CLI tests).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import pathlib
@@ -30,18 +34,9 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import zipfile
 
 import numpy as np
-from nion.data import Calibration, DataAndMetadata
-from nion.swift.model import (
-    Cache,
-    DataItem,
-    FileStorageSystem,
-    HDF5Handler,
-    ImportExportManager,
-    NDataHandler,
-    Profile,
-)
 
 PIXEL_NM = 0.0146  # 14.6 pm
 ORIGIN_NM = (-1.5, 2.0)  # (y, x) offsets of pixel (0, 0)
@@ -55,8 +50,33 @@ METADATA = {
 }
 
 
-def xdata(data: np.ndarray) -> DataAndMetadata.DataAndMetadata:
+def write_library_ndata(path, data: np.ndarray, pixel_size_nm: float = PIXEL_NM) -> str:
+    """A minimal Nion Swift library item (``.ndata``) written by hand, without Nion Swift.
+
+    The zip holds ``data.npy`` and ``metadata.json`` with ``dimensional_calibrations`` (a
+    uncalibrated frame axis for a stack, then y and x in nm) and the data descriptor, as
+    Nion Swift's ``NDataHandler`` stores an item.
+    """
+    seq = data.ndim == 3
+    props = {
+        "type": "data-item", "is_sequence": seq, "collection_dimension_count": 0,
+        "datum_dimension_count": 2,
+        "dimensional_calibrations": ([{"offset": 0.0, "scale": 1.0, "units": ""}] if seq else [])
+        + [{"offset": 0.0, "scale": pixel_size_nm, "units": "nm"}] * 2,
+        "intensity_calibration": {"offset": 0.0, "scale": 1.0, "units": "counts"},
+    }
+    buf = io.BytesIO()
+    np.save(buf, data)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("data.npy", buf.getvalue())
+        zf.writestr("metadata.json", json.dumps(props))
+    return str(path)
+
+
+def xdata(data: np.ndarray):
     """Nion ``DataAndMetadata`` of an image or a sequence of images, calibrated at 14.6 pm."""
+    from nion.data import Calibration, DataAndMetadata
+
     cals = [Calibration.Calibration(ORIGIN_NM[0], PIXEL_NM, "nm"),
             Calibration.Calibration(ORIGIN_NM[1], PIXEL_NM, "nm")]
     if data.ndim == 3:
@@ -69,7 +89,10 @@ def xdata(data: np.ndarray) -> DataAndMetadata.DataAndMetadata:
         timezone_offset=TIMEZONE_OFFSET)
 
 
-def data_item(data: np.ndarray, *, large_format: bool | None = None) -> DataItem.DataItem:
+def data_item(data: np.ndarray, *, large_format: bool | None = None):
+    """A Nion Swift ``DataItem`` of :func:`xdata`, created at :data:`CREATED_UTC`."""
+    from nion.swift.model import DataItem
+
     item = DataItem.new_data_item(xdata(data))
     item.title = "HAADF sequence" if data.ndim == 3 else "HAADF"
     item.created = CREATED_UTC  # the item's own creation time, which the exports write
@@ -81,6 +104,8 @@ def data_item(data: np.ndarray, *, large_format: bool | None = None) -> DataItem
 @contextlib.contextmanager
 def project(folder: pathlib.Path):
     """A Nion Swift document model on a file-backed project in ``folder`` (closed on exit)."""
+    from nion.swift.model import Cache, FileStorageSystem, Profile
+
     folder.mkdir(parents=True, exist_ok=True)
     profile_path = folder / "Profile.nsprof"
     project_path = folder / "Project.nsproj"
@@ -123,6 +148,8 @@ def library_items(folder: pathlib.Path, data: np.ndarray) -> dict[str, str]:
 
 def storage_handler_file(path: pathlib.Path, data: np.ndarray) -> str:
     """One item written through ``NDataHandler`` (``.ndata``) or ``HDF5Handler`` (``.h5``)."""
+    from nion.swift.model import HDF5Handler, NDataHandler
+
     item = data_item(data)
     properties = item.write_to_dict()
     handler_class = HDF5Handler.HDF5Handler if path.suffix == ".h5" else NDataHandler.NDataHandler
@@ -141,6 +168,8 @@ def export(folder: pathlib.Path, data: np.ndarray, name: str) -> str:
     ``.ndata1`` -> "NData 1" (``NDataImportExportHandler``), ``.nhdf`` -> "NData HDF"
     (``HDFImportExportDriver``).
     """
+    from nion.swift.model import ImportExportManager
+
     writer_id = {".ndata1": "ndata1-io-handler", ".nhdf": "nhdf-io-handler"}[
         pathlib.Path(name).suffix]
     manager = ImportExportManager.ImportExportManager()

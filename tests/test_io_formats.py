@@ -113,7 +113,6 @@ def test_rsciio_written_files(tmp_path, stack, ext, frames):
 @pytest.mark.parametrize("frames", [True, False])
 def test_dm_written_by_nion_swift_exporter(tmp_path, stack, ext, frames):
     pytest.importorskip("nionswift_plugin.DM_IO", reason="nionswift-io is not installed")
-    sys.path.insert(0, os.path.dirname(__file__))
     import nion_files
 
     data = stack if frames else stack[0]

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import zipfile
 
 import h5py
@@ -382,9 +381,9 @@ def test_to_dataset_from_dataset_calibration_both_ways(stack):
     assert from_dataset(img).pixel_size_pm is None
     with pytest.raises(ValueError, match=r"array must be a 2-D image .* got shape \(3,\)"):
         to_dataset(np.zeros(3))
-    with pytest.raises(ValueError, match="pixel_size must be a positive number in pm; got 0.0"):
+    with pytest.raises(ValueError, match="pixel_size must be a finite number > 0; got 0"):
         to_dataset(data, pixel_size=0)
-    with pytest.raises(ValueError, match="frame_time_s must be a positive number"):
+    with pytest.raises(ValueError, match="frame_time_s must be a finite number > 0; got -1"):
         to_dataset(data, frame_time_s=-1)
     with pytest.raises(TypeError, match="dataset must be a sidpy.Dataset; got ndarray"):
         from_dataset(data)
@@ -476,8 +475,7 @@ def test_source_record_and_source_of(tmp_path, stack, lazy):
 def nf():
     pytest.importorskip("nion.swift.model.DataItem",
                         reason="nionswift is not installed (pip install nionswift)")
-    sys.path.insert(0, os.path.dirname(__file__))
-    import nion_files
+    import nion_files  # tests/ is on sys.path (pytest's rootdir-relative import)
 
     return nion_files
 
