@@ -238,3 +238,74 @@ def hold_open_h5(folder: pathlib.Path, data: np.ndarray):
         child.stdin.write("\n")
         child.stdin.close()
         child.wait(timeout=60)
+
+
+_USIM = textwrap.dedent("""
+    import json, os, pathlib, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    import nion_files
+    from nion.data import xdata_1_0 as xd
+    from nion.instrumentation import HardwareSource, camera_base, scan_base
+    from nion.swift.model import DataItem
+    from nion.usim_device import DeviceConfiguration
+
+    scan_base.run(None)
+    camera_base.run(None)
+    configuration = DeviceConfiguration.AcquisitionContextConfiguration()
+    configuration.run()
+    scan = HardwareSource.HardwareSourceManager().get_hardware_source_for_hardware_source_id(
+        configuration.scan_module.device.scan_device_id)
+    params = scan.get_frame_parameters(0)
+    params.pixel_size = ({size}, {size})
+    params.fov_nm = {fov_nm!r}
+    params.pixel_time_us = 1.0
+    frames = [scan.record_immediate(params, sync_timeout=30)[0] for _ in range({frames})]
+    sequence = xd.sequence_join(frames)  # as Nion Swift's sequence processing joins frames
+    folder = pathlib.Path({folder!r})
+    np.save(folder / "acquired.npy", sequence.data)
+    out = {{"acquired": str(folder / "acquired.npy"),
+            "calibrations": [[c.offset, c.scale, c.units]
+                             for c in sequence.dimensional_calibrations],
+            "hardware_source": frames[0].metadata["hardware_source"]}}
+    np.save(folder / "image.npy", frames[0].data)
+    out["image"] = str(folder / "image.npy")
+    with nion_files.project(folder / "project") as document_model:
+        for kind, large in (("ndata", False), ("h5", True)):
+            item = DataItem.new_data_item(sequence)
+            item.large_format = large
+            document_model.append_data_item(item)
+            out[kind] = item._test_get_file_path()
+        item = DataItem.new_data_item(frames[0])  # one acquired frame, as the scan stores it
+        document_model.append_data_item(item)
+        out["image_ndata"] = item._test_get_file_path()
+        out["image_created"] = item.created.isoformat()  # UTC, as Nion Swift stores it
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # the simulator's acquisition threads do not all stop on their own
+""")
+
+
+def usim_acquisition(folder: pathlib.Path, *, frames: int = 3, size: int = 32,
+                     pixel_nm: float = PIXEL_NM) -> dict:
+    """A headless ``nionswift-usim`` STEM scan of ``frames`` frames, stored by Nion Swift.
+
+    A child process runs the simulated instrument and scan device, records ``frames`` HAADF
+    frames of ``size`` x ``size`` pixels over a field of view of ``size * pixel_nm``, joins
+    them into a sequence (Nion's ``sequence_join``, which keeps calibrations but drops the
+    frames' metadata) and stores it in a file-backed project as a ``.ndata`` and a
+    large-format ``.h5`` item, plus the first frame as an ``.ndata`` image item
+    (``image_ndata``, with its acquisition metadata). Returns the item paths, the acquired
+    arrays (``acquired``, ``image``; saved with ``np.save``), the sequence's calibrations, the
+    first frame's ``hardware_source`` metadata and the image item's ``created`` time
+    (``image_created``, UTC).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    code = _USIM.format(tests=os.path.dirname(os.path.abspath(__file__)), size=int(size),
+                        fov_nm=float(size * pixel_nm), frames=int(frames), folder=str(folder))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"nionswift-usim acquisition failed (rc {done.returncode}): "
+                           f"{done.stderr[-2000:]}")
+    return json.loads(lines[-1])

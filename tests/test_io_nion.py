@@ -615,3 +615,32 @@ def test_nion_swift_h5_mid_write(tmp_path, nf):
             stemgpu.open(path)
     finally:
         handler.close()
+
+
+def test_nionswift_usim_acquisition(tmp_path, nf):
+    pytest.importorskip("nion.usim_device", reason="nionswift-usim is not installed")
+    files = nf.usim_acquisition(tmp_path, frames=3, size=32)
+    acquired = np.load(files["acquired"])
+    assert acquired.shape == (3, 32, 32)
+    (_, _, frame_units), (y0, ys, yu), (x0, xs, xu) = files["calibrations"]
+    assert (yu, xu) == ("nm", "nm") and ys == xs == pytest.approx(0.0146)
+    for kind in ("ndata", "h5"):  # the joined sequence (Nion's join keeps no metadata)
+        ds = stemgpu.open(files[kind])
+        np.testing.assert_array_equal(np.asarray(ds.compute()), acquired)
+        assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6, rel=1e-9)
+        np.testing.assert_allclose(ds._axes[1].values, y0 + np.arange(32) * ys, atol=1e-12)
+        np.testing.assert_allclose(ds._axes[2].values, x0 + np.arange(32) * xs, atol=1e-12)
+        assert ds._axes[0].dimension_type.name == "TEMPORAL"
+        assert ds._axes[0].units == "frame" and frame_units == ""  # no frame time recorded
+        assert ds.metadata["source"]["format"] == f"nion-{kind}"
+        res = stemgpu.register_rigid(stemgpu.open_frames(files[kind]), backend="numpy")
+        assert res.pixel_size_pm == pytest.approx(14.6)
+    image = stemgpu.open(files["image_ndata"])  # one acquired frame with its metadata
+    np.testing.assert_array_equal(np.asarray(image.compute()), np.load(files["image"]))
+    assert image.metadata["pixel_size_pm"] == pytest.approx(14.6, rel=1e-9)
+    hw = files["hardware_source"]
+    assert image.metadata["hardware_source"] == hw["hardware_source_name"] == "uSim Scan"
+    assert image.metadata["exposure_s"] == hw["exposure"]
+    assert image.metadata["pixel_time_us"] == hw["pixel_time_us"]
+    assert image.metadata["created"] == files["image_created"]
+    assert image.original_metadata["metadata"]["hardware_source"] == hw
