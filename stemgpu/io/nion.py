@@ -15,18 +15,14 @@ Nion Swift writes two layouts of one data item's *properties* (a JSON dict):
 
 and stores them in these files (the layout is read from the content, not from the name):
 
-========================  ===================================================  ==========
-file                      storage                                              layout
-========================  ===================================================  ==========
-``.ndata``                library item: zip of ``data.npy`` + ``metadata.json``  library
-``.ndata1``               "NData 1" export: the same zip                        export
-``.h5``                   large-format library item: HDF5 dataset ``data`` with  library
-                          the properties as a JSON attribute ``properties``
-``.nhdf``                 "NData HDF" export: HDF5 datasets ``data/0``, ...     library
-                          (each with ``properties``) and an ``index`` group
-``.tif`` / ``.tiff``      "TIFF Files (ImageJ)" export: an ImageJ hyperstack     export
-                          with a ``nion.1`` JSON block (:mod:`stemgpu.io.tiff`)
-========================  ===================================================  ==========
+- ``.ndata``: a library item, a zip of ``data.npy`` + ``metadata.json`` (library layout);
+- ``.ndata1``: a "NData 1" export, the same zip (export layout);
+- ``.h5``: a large-format library item, an HDF5 dataset ``data`` with the properties as the
+  JSON attribute ``properties`` (library layout);
+- ``.nhdf``: a "NData HDF" export, HDF5 datasets ``data/0``, ``data/1``, ... each with its
+  ``properties`` (library layout), and an ``index`` group;
+- ``.tif`` / ``.tiff``: a "TIFF Files (ImageJ)" export, an ImageJ hyperstack with a ``nion.1``
+  JSON block (export layout, see :mod:`stemgpu.io.tiff`).
 
 Files are opened read-only and stacks are lazy: an uncompressed ``data.npy`` or TIFF is
 memory-mapped and HDF5 frames are read on demand, so opening a 100 GB stack costs nothing until
@@ -59,7 +55,7 @@ from .._checks import check_real
 from .._inputs import length_to_pm
 from .lazy import LazyStack, npy_member_layout, open_hdf5
 
-__all__ = ["NionFormatError", "open", "open_frames", "read_nion", "source_of"]
+__all__ = ["NionFormatError", "open", "open_frames", "read_nion", "source_of", "source_record"]
 
 _ZIP_EXT = (".ndata", ".ndata1")
 _H5_EXT = (".h5", ".hdf5")
@@ -431,6 +427,17 @@ def source_record(path: str, fmt: str, storage: str, *, checksum: bool, **extra)
     """The provenance record stored as ``metadata["source"]`` by every stemgpu reader.
 
     ``checksum=False`` leaves ``sha256`` None; :func:`source_of` computes it on first use.
+    ``extra`` keys (e.g. ``layout``, ``item``) are added to the record.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from stemgpu.io.nion import source_record
+    >>> path = os.path.join(tempfile.mkdtemp(), "file.bin")
+    >>> _ = open(path, "wb").write(b"abc")
+    >>> rec = source_record(path, "raw", "memory", checksum=True)
+    >>> rec["size_bytes"], rec["sha256"][:12]
+    (3, 'ba7816bf8f01')
     """
     path = os.path.abspath(path)
     record = {"path": path, "format": fmt, "storage": storage, **_stat(path), "sha256": None,
