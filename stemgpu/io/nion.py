@@ -431,10 +431,10 @@ def source_record(path: str, fmt: str, storage: str, *, checksum: bool, **extra)
 
     Examples
     --------
-    >>> import os, tempfile
+    >>> import pathlib, tempfile
     >>> from stemgpu.io.nion import source_record
-    >>> path = os.path.join(tempfile.mkdtemp(), "file.bin")
-    >>> _ = open(path, "wb").write(b"abc")
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "file.bin"
+    >>> _ = path.write_bytes(b"abc")
     >>> rec = source_record(path, "raw", "memory", checksum=True)
     >>> rec["size_bytes"], rec["sha256"][:12]
     (3, 'ba7816bf8f01')
