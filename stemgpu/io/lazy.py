@@ -2,12 +2,15 @@
 
 A :class:`LazyStack` exposes ``.shape``, ``.dtype``, ``len()``, NumPy-style indexing over
 frames (returning NumPy arrays) and :meth:`LazyStack.iter_batches`. It is what
-``stemgpu.register_rigid`` and friends stream from. Three storage kinds are supported:
+``stemgpu.register_rigid`` and friends stream from. The storage kinds:
 
-- an uncompressed (``ZIP_STORED``) ``.npy`` member of a zip file, as Nion Swift writes
-  ``.ndata1`` files: memory-mapped at the member's data offset (no copy until indexed);
+- an uncompressed (``ZIP_STORED``) ``.npy`` member of a zip file, as Nion Swift writes its
+  ``.ndata`` library items and ``.ndata1`` exports: memory-mapped at the member's data offset
+  (no copy until indexed);
 - a compressed zip member: read (decompressed) once on first access, then served from memory;
-- an HDF5 dataset (h5py), opened read-only and sliced per request.
+- an HDF5 dataset (h5py), opened read-only without the HDF5 file lock (Nion Swift keeps the
+  ``.h5`` items of an open project open for writing) and sliced per request;
+- any array-like (a memory map, a dask array from RosettaSciIO, ...) via :meth:`from_array`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LazyStack", "npy_member_layout"]
+from .._checks import check_int
+from .._progress import progress_bar
+
+__all__ = ["LazyStack", "npy_member_layout", "open_hdf5"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
@@ -72,6 +78,40 @@ def npy_member_layout(path: str | os.PathLike, member: str = "data.npy"):
     return offset, tuple(shape), np.dtype(dtype), bool(fortran)
 
 
+def open_hdf5(path: str | os.PathLike):
+    """Open an HDF5 file read-only without the HDF5 file lock (an ``h5py.File``).
+
+    Nion Swift keeps the ``.h5`` items of an open project open in append mode, holding the
+    lock, so a locking reader would be refused. When this process itself already has the
+    file open with locking (HDF5 then refuses a second open with other locking flags), the
+    file is opened with the default flags instead, which shares the open file.
+
+    Raises
+    ------
+    OSError
+        As ``h5py.File`` (missing, truncated or corrupt file).
+
+    Examples
+    --------
+    >>> import os, tempfile, h5py
+    >>> from stemgpu.io.lazy import open_hdf5
+    >>> path = os.path.join(tempfile.mkdtemp(), "item.h5")
+    >>> with h5py.File(path, "w") as fh:
+    ...     fh["data"] = [1.0, 2.0]
+    >>> with h5py.File(path, "a") as writer, open_hdf5(path) as reader:
+    ...     reader["data"][1]
+    np.float64(2.0)
+    """
+    import h5py
+
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        if "locking flag values don't match" not in str(exc):
+            raise
+        return h5py.File(path, "r")
+
+
 class LazyStack:
     """A (frames, rows, cols) stack (or any N-d array) read from disk on demand.
 
@@ -84,11 +124,15 @@ class LazyStack:
     dtype : numpy.dtype
     path : str
         The file read.
-    kind : {"memmap", "zip-compressed", "hdf5"}
+    kind : str
+        ``"memmap"``, ``"zip-compressed"``, ``"hdf5"``, or what :meth:`from_array` was given.
     pixel_size_pm : float or None
         Calibration carried along for the functions that stream from this source.
     metadata : dict
-        Free-form metadata (e.g. the reader's normalised calibration).
+        Free-form metadata (e.g. the reader's normalised calibration; ``metadata["source"]``
+        is the provenance record of :func:`stemgpu.io.nion.source_of`).
+    original_metadata : dict
+        The file's own metadata, as read (empty when the constructor was given none).
 
     Examples
     --------
@@ -108,7 +152,7 @@ class LazyStack:
     """
 
     def __init__(self, path, shape, dtype, *, kind, reader, pixel_size_pm=None, metadata=None,
-                 closer=None):
+                 original_metadata=None, closer=None):
         self.path = os.fspath(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
@@ -117,6 +161,7 @@ class LazyStack:
         self._closer = closer
         self.pixel_size_pm = pixel_size_pm
         self.metadata = dict(metadata or {})
+        self.original_metadata = dict(original_metadata or {})
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -141,10 +186,14 @@ class LazyStack:
 
     @classmethod
     def from_hdf5(cls, path, dataset: str = "data", **kwargs) -> LazyStack:
-        """Frames of an HDF5 dataset, opened read-only (never in append mode)."""
+        """Frames of an HDF5 dataset, opened read-only (never in append mode).
+
+        The file is opened without the HDF5 file lock, so a file another process holds open
+        for writing (Nion Swift, during and after an acquisition) can be read.
+        """
         import h5py
 
-        fh = h5py.File(path, "r")
+        fh = open_hdf5(path)
         try:
             dset = fh[dataset]
             if not isinstance(dset, h5py.Dataset):
@@ -155,6 +204,29 @@ class LazyStack:
             raise
         return cls(path, shape, dtype, kind="hdf5", reader=lambda key: dset[key],
                    closer=fh.close, **kwargs)
+
+    @classmethod
+    def from_array(cls, path, array, *, kind: str, **kwargs) -> LazyStack:
+        """Frames of an array-like already opened on ``path`` (memmap, dask array, ...).
+
+        Indexing slices ``array`` and converts the result to NumPy, so a dask array is
+        computed one request at a time.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from stemgpu.io.lazy import LazyStack
+        >>> src = LazyStack.from_array("frames.npy", np.arange(8.0).reshape(2, 2, 2),
+        ...                            kind="memory")
+        >>> src.shape, src.kind, src[1].tolist()
+        ((2, 2, 2), 'memory', [[4.0, 5.0], [6.0, 7.0]])
+        """
+        def read(key):
+            if isinstance(key, list):  # dask and memmaps index with arrays, not lists
+                key = np.asarray(key, dtype=np.intp)
+            return np.asarray(array[key])
+
+        return cls(path, array.shape, array.dtype, kind=kind, reader=read, **kwargs)
 
     # ------------------------------------------------------------------ array protocol
     @property
@@ -203,18 +275,17 @@ class LazyStack:
         Raises
         ------
         ValueError
-            If ``batch_size`` is not a positive integer.
+            If ``batch_size`` is not an integer >= 1.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        starts = range(0, self.shape[0], int(batch_size))
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="read", unit="batch")
-        for start in starts:
-            yield self[start:start + int(batch_size)]
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        starts = range(0, self.shape[0], batch_size)
+        bar = progress_bar(progress, total=len(starts), desc="read", unit="batch")
+        try:
+            for start in starts:
+                yield self[start:start + batch_size]
+                bar.update(1)
+        finally:
+            bar.close()
 
     def to_dask(self, batch_size: int | None = None):
         """A dask array over this source, chunked by ``batch_size`` frames (default ~64 MB)."""

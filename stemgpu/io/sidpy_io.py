@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_real
 from .._inputs import Calibrated, as_image, is_sidpy_dataset, pixel_size_from_dataset
 from ..backend import is_cupy_array
 
@@ -61,7 +62,8 @@ def to_dataset(array: Any, *, pixel_size: float | None = None, title: str = "sta
     Raises
     ------
     ValueError
-        If ``array`` is not 2-D or 3-D, or ``pixel_size``/``frame_time_s`` is not positive.
+        If ``array`` is not 2-D or 3-D, or ``pixel_size``/``frame_time_s`` is not a finite
+        number > 0.
 
     Examples
     --------
@@ -84,13 +86,9 @@ def to_dataset(array: Any, *, pixel_size: float | None = None, title: str = "sta
             f"array must be a 2-D image or a 3-D (frame, row, col) stack; got shape "
             f"{tuple(getattr(array, 'shape', ()))}")
     if pixel_size is not None:
-        pixel_size = float(pixel_size)
-        if not np.isfinite(pixel_size) or pixel_size <= 0:
-            raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
+        pixel_size = check_real(pixel_size, "pixel_size", greater=0)
     if frame_time_s is not None:
-        frame_time_s = float(frame_time_s)
-        if not np.isfinite(frame_time_s) or frame_time_s <= 0:
-            raise ValueError(f"frame_time_s must be a positive number; got {frame_time_s!r}")
+        frame_time_s = check_real(frame_time_s, "frame_time_s", greater=0)
 
     if isinstance(array, da.Array):
         data = array
