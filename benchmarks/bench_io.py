@@ -53,7 +53,7 @@ def _write(path, data, fmt):
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_read_batches(benchmark, tmp_path, shape, fmt):
     data = _stack(shape)
-    path = tmp_path / ("s.h5" if fmt == "h5" else "s.ndata1")
+    path = tmp_path / ("s.h5" if fmt == "h5" else "s.ndata")
     _write(path, data, fmt)
 
     def read_all():

@@ -33,16 +33,18 @@
 # (that is what the test suite does).
 
 # %%
+import io
+import json
 import os
 import shutil
 import tempfile
+import zipfile
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import stemgpu
 from stemgpu.app import DEMO, compare, demo_stack, demo_truth
-from stemgpu.io.nion import _write_ndata1_for_doc
 
 SMALL = os.environ.get("STEMGPU_NOTEBOOK_SMALL", "") not in ("", "0")
 FRAMES, SIZE = (6, 160) if SMALL else (16, 512)
@@ -169,11 +171,13 @@ print("summary identical after the round trip:", same)
 # %% [markdown]
 # ## Opening a file from the microscope
 #
-# Nion Swift data items (`.ndata1`, or `.h5`) open as calibrated `sidpy.Dataset`s:
+# Nion Swift data items (`.ndata`, `.h5`) and its exports (NData 1 `.ndata1`, NData HDF
+# `.nhdf`, ImageJ TIFF) open as calibrated `sidpy.Dataset`s (DM3/DM4, EMD, TIA and HSPY too,
+# with `pip install 'stemgpu[formats]'`):
 #
 # ```python
-# ds = stemgpu.open("file.ndata1")          # lazy: memory-mapped, frames read on demand
-# ds = stemgpu.open("file.ndata1", lazy=False)  # read into memory now
+# ds = stemgpu.open("file.ndata")           # lazy: memory-mapped, frames read on demand
+# ds = stemgpu.open("file.ndata", lazy=False)   # read into memory now
 # res = stemgpu.analyze(ds)                 # pixel size (and frame time) from the file
 # ```
 #
@@ -182,11 +186,20 @@ print("summary identical after the round trip:", same)
 # metadata (`ds.original_metadata`). Pass `pixel_size=` to override a missing or wrong
 # calibration.
 #
-# No real file ships with this notebook, so we write a minimal `.ndata1` of the simulated
-# stack (14.6 pm per pixel in its calibration) and open it the same way.
+# No real file ships with this notebook, so we write a minimal Nion Swift library item
+# (`.ndata`: a zip of `data.npy` and `metadata.json`) of the simulated stack, 14.6 pm per
+# pixel in its calibration, and open it the same way.
 
 # %%
-nion_path = _write_ndata1_for_doc(os.path.join(workdir, "stack.ndata1"), stack)
+nion_path = os.path.join(workdir, "stack.ndata")
+props = {"dimensional_calibrations": [{"offset": 0.0, "scale": 1.0, "units": ""}]
+         + [{"offset": 0.0, "scale": 0.0146, "units": "nm"}] * 2,
+         "is_sequence": True, "collection_dimension_count": 0, "datum_dimension_count": 2}
+npy = io.BytesIO()
+np.save(npy, stack.astype("float32"))
+with zipfile.ZipFile(nion_path, "w") as zf:
+    zf.writestr("data.npy", npy.getvalue())
+    zf.writestr("metadata.json", json.dumps(props))
 ds = stemgpu.open(nion_path, lazy=False)
 print(type(ds).__name__, ds.shape, "pixel size", ds.metadata["pixel_size_pm"], "pm")
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nion_files import write_library_ndata as write_ndata1
 
 import stemgpu
 from stemgpu.app.cli import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_USAGE, main
-from stemgpu.io.nion import _write_ndata1_for_doc as write_ndata1
 
 
 @pytest.fixture(scope="module")
 def nion_file(tmp_path_factory):
     stack, _ = stemgpu.simulate_stack((6, 192, 192), frame_jitter_px=0.3, line_jitter_px=0.05,
                                       seed=11)
-    path = tmp_path_factory.mktemp("nion") / "stack.ndata1"
+    path = tmp_path_factory.mktemp("nion") / "stack.ndata"
     write_ndata1(str(path), stack.astype("float32"), pixel_size_nm=0.0146)
     return path
 
@@ -170,7 +170,7 @@ def test_nothing_found_is_an_analysis_failure(tmp_path, capsys):
     from stemgpu.app.cli import EXIT_FAILED
 
     rng = np.random.default_rng(0)
-    path = tmp_path / "noise.ndata1"
+    path = tmp_path / "noise.ndata"
     write_ndata1(str(path), rng.poisson(5.0, (4, 96, 96)).astype("float32"))
     rc = main(["run", str(path), "--out", str(tmp_path / "o.h5"), "--steps", "atoms,cells"])
     assert rc == EXIT_FAILED

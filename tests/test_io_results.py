@@ -494,3 +494,20 @@ def test_one_lazy_array_rule_with_memmap_flag(tmp_path):
     # the results writer stores a memmap as the array it is, in one dataset
     back = load(save({"m": mm}, tmp_path / "mm.h5"))
     np.testing.assert_array_equal(back["m"], np.asarray(mm))
+
+
+def test_provenance_of_an_opened_file_reaches_the_results_file(tmp_path):
+    """analyze(stemgpu.open(f)) then save records the file without source= (no CLI)."""
+    from nion_files import write_library_ndata
+
+    from stemgpu.io.results import read_provenance
+
+    stack, _ = stemgpu.simulate_stack((4, 96, 96), seed=3)
+    path = write_library_ndata(str(tmp_path / "s.ndata"), stack.astype("float32"))
+    res = stemgpu.analyze(stemgpu.open(path, lazy=False), steps=("rigid",), progress=False)
+    out = tmp_path / "r.h5"
+    stemgpu.save(res, out)
+    src = read_provenance(out)["source"]
+    assert src["path"] == os.path.abspath(path)
+    assert len(src["sha256"]) == 64 and src["format"] == "nion-ndata"
+    assert "original_metadata" in src

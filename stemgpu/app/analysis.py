@@ -234,6 +234,11 @@ def analyze(stack, *, pixel_size: float | None = None,
                             "backend": be.name, "device": be.device_name,
                             "shape": list(prep.shape), "timings_s": {}, "options": opts,
                             "streamed": prep.streamed}
+    from ..io.nion import source_of
+
+    source = source_of(stack, checksum=False)  # a Dataset from stemgpu.open knows its file
+    if source is not None:
+        info["source"] = source
     results: dict[str, Any] = {"info": info}
     bar = progress_bar(progress, total=len(steps), desc="stemgpu", unit="stage", leave=False)
     clock = _Clock(info, bar)

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="analyse a Nion (.ndata1/.h5) or stemgpu HDF5 file")
+    p = sub.add_parser("run", help="analyse a microscope file (Nion .ndata/.ndata1/.h5/.nhdf/.tif, "
+                         "pyNSID HDF5; DM3/DM4, EMD, TIA, HSPY with stemgpu[formats])")
     p.add_argument("file")
     p.add_argument("--out", default=None, help="results file (default FILE-stemgpu.h5)")
     p.add_argument("--figure", default=None, help="report figure (PNG)")

@@ -13,13 +13,14 @@ __all__ = ["read_input", "run_file"]
 
 
 def read_input(path: str, *, pixel_size: float | None = None):
-    """Open ``path`` as a calibrated sidpy Dataset: Nion ``.ndata1``/``.h5`` or pyNSID HDF5.
+    """Open ``path`` as a calibrated sidpy Dataset: whatever :func:`stemgpu.open` reads (Nion
+    ``.ndata``/``.ndata1``/``.h5``/``.nhdf``/TIFF, pyNSID HDF5, other formats through
+    RosettaSciIO).
 
     Raises ``ValueError`` with a one-line message naming the file for anything else
     (``FileNotFoundError`` / ``IsADirectoryError`` for a missing file or a folder).
     """
-    from ..io.nion import NionFormatError, read_nion
-    from ..io.nsid import read_nsid_or_raise
+    from ..io.nion import open as open_file
     from ..io.results import is_results_file
 
     if not os.path.exists(path):
@@ -29,10 +30,7 @@ def read_input(path: str, *, pixel_size: float | None = None):
     if is_results_file(path):
         raise ValueError(f"{path}: a stemgpu results file (written by stemgpu.save), not "
                          "microscope data; open it with stemgpu.load in Python")
-    try:
-        return read_nion(path, lazy=False, pixel_size=pixel_size)
-    except NionFormatError as nion_error:
-        return read_nsid_or_raise(path, nion_error)
+    return open_file(path, lazy=False, pixel_size=pixel_size)
 
 
 def _frame_source(path: str, pixel_size):

@@ -767,7 +767,8 @@ def open(path: str | os.PathLike, *, lazy: bool = True, pixel_size: float | None
     Raises
     ------
     FileNotFoundError, NionFormatError, TypeError
-        As :func:`read_nion`; NionFormatError also for a file of no format stemgpu reads.
+        As :func:`read_nion`; NionFormatError also for a file of no format stemgpu reads
+        (an HDF5 file that is no Nion item is read as pyNSID when it is one, into memory).
     ImportError
         A non-Nion format without RosettaSciIO installed (the message names the extra).
 
@@ -790,4 +791,10 @@ def open(path: str | os.PathLike, *, lazy: bool = True, pixel_size: float | None
         from .formats import read_file
 
         return read_file(path, lazy=lazy, pixel_size=pixel_size)
-    return read_nion(path, lazy=lazy, pixel_size=pixel_size)
+    try:
+        return read_nion(path, lazy=lazy, pixel_size=pixel_size)
+    except NionFormatError as nion_error:
+        from .nsid import read_nsid_or_raise
+
+        # An HDF5 file that is no Nion item may be a pyNSID file (read into memory).
+        return read_nsid_or_raise(path, nion_error, pixel_size=pixel_size)

@@ -91,8 +91,8 @@ def read_nsid_or_raise(path: str | os.PathLike, nion_error: Exception, *,
     """Read ``path`` as pyNSID after a Nion reader refused it with ``nion_error``.
 
     Call it inside the ``except`` block of the Nion reader: ``nion_error`` is raised again
-    for a file whose name does not end in :data:`NSID_SUFFIXES`, and a ``ValueError`` naming
-    both readers when the file holds no pyNSID image either.
+    for a file whose name does not end in :data:`NSID_SUFFIXES` or that holds no pyNSID image
+    either.
 
     Examples
     --------
@@ -106,6 +106,7 @@ def read_nsid_or_raise(path: str | os.PathLike, nion_error: Exception, *,
         raise nion_error
     dataset = read_nsid(path, pixel_size=pixel_size)
     if dataset is None:
-        raise ValueError(f"{os.fspath(path)}: neither a Nion file ({nion_error}) nor an HDF5 "
-                         "file holding a pyNSID image or image stack") from None
+        # No pyNSID image either: the Nion reader's reason (e.g. an item caught mid-write)
+        # is the one that helps, and it says which file.
+        raise nion_error
     return dataset

@@ -88,6 +88,22 @@ def _find_source(obj: Any) -> str | None:
     return None
 
 
+def _source_record(source: Any, obj: Any) -> dict | None:
+    """The provenance record of the data a result came from (:func:`stemgpu.io.nion.source_of`
+    of ``source``, else of ``obj``, else the one ``analyze`` kept in its info), or None."""
+    from .nion import source_of
+
+    for candidate in (source, obj):
+        if candidate is None or isinstance(candidate, str | os.PathLike):
+            continue
+        record = source_of(candidate, checksum=False)
+        if record is not None:
+            return record
+    info = getattr(obj, "results", {}).get("info") if hasattr(obj, "results") else None
+    record = info.get("source") if isinstance(info, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else None
+
+
 def _provenance(writer: Writer, obj: Any, source: Any) -> dict:
     from .. import __version__
     from ..backend import resolve_backend
@@ -96,14 +112,20 @@ def _provenance(writer: Writer, obj: Any, source: Any) -> dict:
     if source is not None:
         src_path = _find_source(source) if not isinstance(source, str | os.PathLike) \
             else os.fspath(source)
+    record = _source_record(source, obj)
     if src_path is None:
-        src_path = _find_source(obj)
+        src_path = _find_source(obj) or (record or {}).get("path")
     src = None
     if src_path is not None:
         src = {"path": os.path.abspath(src_path), "sha256": None, "size_bytes": None}
         if os.path.isfile(src_path):
             src["sha256"] = _sha256(src_path)
             src["size_bytes"] = os.path.getsize(src_path)
+        if record and os.path.abspath(str(record.get("path"))) == src["path"]:
+            # What stemgpu.open recorded: format, layout, the file's own metadata, and the
+            # checksum at opening time (a file changed since then is visible in the two).
+            src.update({k: v for k, v in record.items() if k not in src})
+            src["sha256_at_open"] = record.get("sha256")
     backend = "cupy" if "cupy" in writer.backends else (
         sorted(writer.backends)[0] if writer.backends else "numpy")
     try:
