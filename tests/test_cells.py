@@ -233,7 +233,7 @@ def test_nan_positions_raise_or_are_flagged():
         (np.random.default_rng(0).random((20, 2)), {"species": ["A"] * 19},
          "one label per position"),
         (np.random.default_rng(0).random((20, 2)), {"side_tolerance": -1},
-         "side_tolerance must be a positive"),
+         "side_tolerance must be a finite number > 0"),
         (np.random.default_rng(0).random((20, 2)), {"nan_policy": "drop"},
          "nan_policy must be one of"),
         (np.random.default_rng(0).random((20, 2)), {"pixel_size": 0},

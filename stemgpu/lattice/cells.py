@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice, check_real
 from .._inputs import resolve_pixel_size
-from ..backend import is_cupy_array, resolve_backend, to_host
+from ..backend import HostCopyMixin, resolve_backend, to_host
 from .strain import bsite_displacement, strain_components
 
 __all__ = ["UnitCells", "unit_cells"]
@@ -42,7 +43,7 @@ _NAN_POLICIES = ("raise", "omit")
 
 
 @dataclass(frozen=True)
-class UnitCells:
+class UnitCells(HostCopyMixin):
     """Result of :func:`unit_cells`; every per-cell array has ``n_cells`` rows. Lengths in px.
 
     Attributes
@@ -135,12 +136,6 @@ class UnitCells:
         return (f"UnitCells({self.n_cells} cells, {int(self.has_bsite.sum())} with B-site, "
                 f"{px})")
 
-    def to_numpy(self) -> UnitCells:
-        """A copy with NumPy arrays (device-to-host copies for a CuPy result)."""
-        kw = {f.name: to_host(getattr(self, f.name), copy=True) for f in fields(self)
-              if f.name not in ("pixel_size_pm", "parameters")}
-        return replace(self, parameters=dict(self.parameters), **kw)
-
     def statistics(self, **kwargs):
         """Shortcut for :func:`stemgpu.cell_statistics` of these cells."""
         from .stats import cell_statistics
@@ -151,18 +146,15 @@ class UnitCells:
 # ----------------------------------------------------------------------------- validation
 
 def _as_positions(positions, nan_policy: str):
-    if is_cupy_array(positions):
-        positions = positions.get()
     try:
-        x = np.asarray(positions, dtype=np.float64)
+        x = np.asarray(to_host(positions), dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(
             f"positions must be an (N, 2) array of (row, col) px; got {type(positions).__name__}"
         ) from None
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"positions must have shape (N, 2) (row, col) px; got {x.shape}")
-    if nan_policy not in _NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {_NAN_POLICIES}; got {nan_policy!r}")
+    check_choice(nan_policy, "nan_policy", _NAN_POLICIES)
     flagged = ~np.all(np.isfinite(x), axis=1)
     if flagged.any() and nan_policy == "raise":
         bad = np.flatnonzero(flagged)
@@ -434,32 +426,86 @@ def unit_cells(
     """
     be = resolve_backend(backend, positions)
     x, flagged = _as_positions(positions, nan_policy)
-    for name, val in (("angle_tolerance_deg", angle_tolerance_deg),
-                      ("side_tolerance", side_tolerance),
-                      ("parallelogram_tolerance", parallelogram_tolerance),
-                      ("bsite_max_distance", bsite_max_distance)):
-        if not np.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a positive number; got {val!r}")
+    tolerances = _check_tolerances(angle_tolerance_deg, side_tolerance,
+                                   parallelogram_tolerance, bsite_max_distance)
     px = resolve_pixel_size(pixel_size, None)
     kind, ref_value = _reference_from_lattice(lattice, px)
     n = len(x)
-    if species is None and intensities is not None:
-        from .sublattice import assign_by_intensity
-
-        inten = np.asarray(intensities, dtype=np.float64)
-        if inten.shape != (n,):
-            raise ValueError(
-                f"intensities must hold one value per position ({n}); got shape {inten.shape}"
-            )
-        species = np.full(n, "", dtype=object)
-        species[~flagged] = assign_by_intensity(inten[~flagged])
-        species = species.astype(str)
+    species = _species_from_intensities(species, intensities, flagged, n)
     a_mask, b_mask, a_name, b_name = _species_mask(species, n, a_site, b_site)
     a_idx = np.flatnonzero(a_mask & ~flagged)
     pts = x[a_idx]
     _check_enough(pts, "A-site positions" if species is not None else "positions")
 
-    quads, counts = _pair_triangles(pts)
+    quads, counts = _candidate_quads(pts)
+    quads, hand, rejected = _reject_non_cells(quads, pts, kind, ref_value, tolerances)
+    counts.update(rejected)
+    geometry = _cell_geometry(pts[quads])
+    reference = _reference_cell(geometry, kind, ref_value, hand)
+    comps = _strain(geometry["vectors"], reference)
+    bsite_index, disp = _assign_bsites(geometry["centres"], x, b_mask, flagged, reference,
+                                       bsite_max_distance)
+    params = {
+        "a_site": a_name, "b_site": b_name,
+        "lattice": lattice if lattice is None or isinstance(lattice, str | float | int)
+        else np.asarray(lattice).tolist(),
+        "reference_kind": kind,
+        **tolerances,
+        "nan_policy": nan_policy,
+        "n_positions": int(n),
+        "n_flagged": int(flagged.sum()),
+        **counts,
+    }
+    result = _result(a_idx[quads], geometry, reference, comps, bsite_index, disp, flagged, px,
+                     params)
+    if be.is_gpu:  # one transfer out for the whole result
+        result = replace(result, **{f.name: be.asarray(getattr(result, f.name))
+                                    for f in fields(result)
+                                    if f.name not in ("pixel_size_pm", "parameters")})
+    return result
+
+
+# ----------------------------------------------------------------------------- passes
+
+def _check_tolerances(angle_tolerance_deg, side_tolerance, parallelogram_tolerance,
+                      bsite_max_distance) -> dict:
+    """The four tolerances as floats (each a finite number > 0), keyed by argument name."""
+    return {"angle_tolerance_deg": check_real(angle_tolerance_deg, "angle_tolerance_deg",
+                                              greater=0),
+            "side_tolerance": check_real(side_tolerance, "side_tolerance", greater=0),
+            "parallelogram_tolerance": check_real(parallelogram_tolerance,
+                                                  "parallelogram_tolerance", greater=0),
+            "bsite_max_distance": check_real(bsite_max_distance, "bsite_max_distance",
+                                             greater=0)}
+
+
+def _species_from_intensities(species, intensities, flagged, n: int):
+    """``species`` as given, or A/B/O labels by intensity class when only intensities are."""
+    if species is not None or intensities is None:
+        return species
+    from .sublattice import assign_by_intensity
+
+    inten = np.asarray(intensities, dtype=np.float64)
+    if inten.shape != (n,):
+        raise ValueError(
+            f"intensities must hold one value per position ({n}); got shape {inten.shape}"
+        )
+    labels = np.full(n, "", dtype=object)
+    labels[~flagged] = assign_by_intensity(inten[~flagged])
+    return labels.astype(str)
+
+
+def _candidate_quads(points: np.ndarray):
+    """Candidate cells: quadrilaterals of Delaunay triangles sharing their longest edge."""
+    return _pair_triangles(points)
+
+
+def _reject_non_cells(quads, pts, kind: str, ref_value, tol: dict):
+    """Drop candidates that are not near-square cells of the reference lattice.
+
+    Returns the kept quads (rolled so that side 0 runs along ``a1``), the handedness of the
+    corner order and the rejection counts.
+    """
     if kind == "vectors":
         d1 = ref_value[0] / np.linalg.norm(ref_value[0])
         hand = np.sign(_cross(ref_value[0], ref_value[1]))
@@ -468,98 +514,101 @@ def unit_cells(
     quads = _orient(quads, pts, hand)
     angles = _interior_angles(pts[quads])
     convex = np.sign(_cross(_edges(pts[quads]), np.roll(_edges(pts[quads]), -1, axis=1)))
-    square = np.all(np.abs(angles - 90.0) <= angle_tolerance_deg, axis=1) & np.all(
+    square = np.all(np.abs(angles - 90.0) <= tol["angle_tolerance_deg"], axis=1) & np.all(
         convex == hand, axis=1)
-    quads, angles = quads[square], angles[square]
+    quads = quads[square]
     if d1 is None and len(quads):
         d1 = _dominant_direction(quads, pts)
-    rejected_angle = int((~square).sum())
     rejected_side = 0
     if len(quads):
         quads = _roll_to_direction(quads, pts, d1)
-        sides = np.linalg.norm(_edges(pts[quads]), axis=2)
-        if kind == "vectors":
-            ref_sides = np.linalg.norm(ref_value, axis=1)
-        elif kind == "side":
-            ref_sides = np.array([ref_value, ref_value])
-        else:
-            # Median of candidate sides: most candidates are real cells.
-            ref_sides = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
-        dev = np.abs(sides / ref_sides[[0, 1, 0, 1]][None, :] - 1.0)
-        e = _edges(pts[quads])
-        skew = np.stack([np.linalg.norm(e[:, 0] + e[:, 2], axis=1) / ref_sides[0],
-                         np.linalg.norm(e[:, 1] + e[:, 3], axis=1) / ref_sides[1]], axis=1)
-        good = np.all(dev <= side_tolerance, axis=1) & np.all(
-            skew <= parallelogram_tolerance, axis=1)
+        good = _shape_ok(quads, pts, kind, ref_value, tol)
         rejected_side = int((~good).sum())
         quads = quads[good]
-    counts.update(rejected_not_square=rejected_angle, rejected_shape=rejected_side,
-                  cells=int(len(quads)))
+    return quads, hand, {"rejected_not_square": int((~square).sum()),
+                         "rejected_shape": rejected_side, "cells": int(len(quads))}
 
-    corners = pts[quads]  # (n, 4, 2)
-    e = _edges(corners)
-    sides = np.linalg.norm(e, axis=2)
-    angles = _interior_angles(corners)
-    vectors = _cell_vectors(corners)
-    centres = corners.mean(axis=1)
-    area = 0.5 * np.abs(_cross(corners, np.roll(corners, -1, axis=1)).sum(axis=1))
 
+def _shape_ok(quads, pts, kind: str, ref_value, tol: dict) -> np.ndarray:
+    """Sides near the reference sides and opposite sides near-parallel (vacancies, grains)."""
+    sides = np.linalg.norm(_edges(pts[quads]), axis=2)
     if kind == "vectors":
-        reference = ref_value
-    elif len(quads) == 0:
-        reference = np.full((2, 2), np.nan)
+        ref_sides = np.linalg.norm(ref_value, axis=1)
+    elif kind == "side":
+        ref_sides = np.array([ref_value, ref_value])
     else:
-        if kind == "median":
-            reference = np.median(vectors, axis=0)
-        else:
-            side = np.median(np.sqrt(area)) if kind == "square" else ref_value
-            phi = np.median(np.arctan2(vectors[:, 0, 1], vectors[:, 0, 0]))
-            u = np.array([np.cos(phi), np.sin(phi)])
-            reference = side * np.stack([u, hand * np.array([-u[1], u[0]])])
-    if len(quads):
-        comps = strain_components(vectors, reference)
-    else:
-        z = np.zeros((0, 2, 2))
-        comps = {"F": z, "strain": z, "strain_lattice": z, "rotation_deg": np.zeros(0),
-                 "tetragonal": np.zeros(0), "shear": np.zeros(0)}
+        # Median of candidate sides: most candidates are real cells.
+        ref_sides = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
+    dev = np.abs(sides / ref_sides[[0, 1, 0, 1]][None, :] - 1.0)
+    e = _edges(pts[quads])
+    skew = np.stack([np.linalg.norm(e[:, 0] + e[:, 2], axis=1) / ref_sides[0],
+                     np.linalg.norm(e[:, 1] + e[:, 3], axis=1) / ref_sides[1]], axis=1)
+    return np.all(dev <= tol["side_tolerance"], axis=1) & np.all(
+        skew <= tol["parallelogram_tolerance"], axis=1)
 
-    if b_mask is not None:
-        b_idx = np.flatnonzero(b_mask & ~flagged)
-        ref_side = float(np.min(np.linalg.norm(reference, axis=1))) if len(quads) else 1.0
-        local, disp = bsite_displacement(centres, x[b_idx],
-                                         max_distance=bsite_max_distance * ref_side)
-        bsite_index = np.where(local >= 0, b_idx[np.maximum(local, 0)], -1)
-    else:
-        bsite_index = np.full(len(quads), -1, dtype=np.int64)
-        disp = np.full((len(quads), 2), np.nan)
 
-    params = {
-        "a_site": a_name, "b_site": b_name,
-        "lattice": lattice if lattice is None or isinstance(lattice, str | float | int)
-        else np.asarray(lattice).tolist(),
-        "reference_kind": kind,
-        "angle_tolerance_deg": float(angle_tolerance_deg),
-        "side_tolerance": float(side_tolerance),
-        "parallelogram_tolerance": float(parallelogram_tolerance),
-        "bsite_max_distance": float(bsite_max_distance),
-        "nan_policy": nan_policy,
-        "n_positions": int(n),
-        "n_flagged": int(flagged.sum()),
-        **counts,
-    }
-    result = UnitCells(
-        corner_index=a_idx[quads].reshape(-1, 4).astype(np.int64),
-        corners=corners.reshape(-1, 4, 2),
-        centres=centres.reshape(-1, 2),
+def _cell_geometry(corners: np.ndarray) -> dict:
+    """Per-cell corners, sides, angles, vectors, centres and area of (n, 4, 2) corners."""
+    e = _edges(corners)
+    return {"corners": corners, "sides": np.linalg.norm(e, axis=2),
+            "angles": _interior_angles(corners), "vectors": _cell_vectors(corners),
+            "centres": corners.mean(axis=1),
+            "area": 0.5 * np.abs(_cross(corners, np.roll(corners, -1, axis=1)).sum(axis=1))}
+
+
+def _reference_cell(geometry: dict, kind: str, ref_value, hand: float) -> np.ndarray:
+    """The (2, 2) reference cell (rows r1, r2) of the strain analysis, px."""
+    vectors, area = geometry["vectors"], geometry["area"]
+    if kind == "vectors":
+        return ref_value
+    if len(vectors) == 0:
+        return np.full((2, 2), np.nan)
+    if kind == "median":
+        return np.median(vectors, axis=0)
+    side = np.median(np.sqrt(area)) if kind == "square" else ref_value
+    phi = np.median(np.arctan2(vectors[:, 0, 1], vectors[:, 0, 0]))
+    u = np.array([np.cos(phi), np.sin(phi)])
+    return side * np.stack([u, hand * np.array([-u[1], u[0]])])
+
+
+def _strain(vectors: np.ndarray, reference: np.ndarray) -> dict:
+    """:func:`~stemgpu.lattice.strain.strain_components`, with empty arrays for no cells."""
+    if len(vectors):
+        return strain_components(vectors, reference)
+    z = np.zeros((0, 2, 2))
+    return {"F": z, "strain": z, "strain_lattice": z, "rotation_deg": np.zeros(0),
+            "tetragonal": np.zeros(0), "shear": np.zeros(0)}
+
+
+def _assign_bsites(centres, x, b_mask, flagged, reference, bsite_max_distance: float):
+    """Row of ``x`` of the B-site column of each cell (-1: none) and its displacement."""
+    if b_mask is None:
+        return (np.full(len(centres), -1, dtype=np.int64),
+                np.full((len(centres), 2), np.nan))
+    b_idx = np.flatnonzero(b_mask & ~flagged)
+    ref_side = float(np.min(np.linalg.norm(reference, axis=1))) if len(centres) else 1.0
+    local, disp = bsite_displacement(centres, x[b_idx],
+                                     max_distance=bsite_max_distance * ref_side)
+    return np.where(local >= 0, b_idx[np.maximum(local, 0)], -1), disp
+
+
+def _result(corner_index, g: dict, reference, comps: dict, bsite_index, disp, flagged, px,
+            params: dict) -> UnitCells:
+    """Assemble the :class:`UnitCells` of the kept cells (host NumPy arrays)."""
+    angles, sides, vectors = g["angles"], g["sides"], g["vectors"]
+    some = len(corner_index) > 0
+    return UnitCells(
+        corner_index=corner_index.reshape(-1, 4).astype(np.int64),
+        corners=g["corners"].reshape(-1, 4, 2),
+        centres=g["centres"].reshape(-1, 2),
         vectors=vectors.reshape(-1, 2, 2),
         sides=sides.reshape(-1, 4),
-        smallest_side=sides.min(axis=1) if len(quads) else np.zeros(0),
-        longest_side=sides.max(axis=1) if len(quads) else np.zeros(0),
+        smallest_side=sides.min(axis=1) if some else np.zeros(0),
+        longest_side=sides.max(axis=1) if some else np.zeros(0),
         angles_deg=angles.reshape(-1, 4),
         angle_deviation_deg=_angle_between(vectors[:, 0], vectors[:, 1]) - 90.0,
-        abs_angle_deviation_deg=np.abs(angles - 90.0).mean(axis=1) if len(quads)
-        else np.zeros(0),
-        area=area,
+        abs_angle_deviation_deg=np.abs(angles - 90.0).mean(axis=1) if some else np.zeros(0),
+        area=g["area"],
         reference=np.asarray(reference, dtype=np.float64),
         deformation_gradient=comps["F"],
         strain=comps["strain"],
@@ -573,8 +622,3 @@ def unit_cells(
         pixel_size_pm=px,
         parameters=params,
     )
-    if be.is_gpu:  # one transfer out for the whole result
-        result = replace(result, **{f.name: be.asarray(getattr(result, f.name))
-                                    for f in fields(result)
-                                    if f.name not in ("pixel_size_pm", "parameters")})
-    return result

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._checks import check_int, check_real
+
 __all__ = ["DEFAULT_NAMES", "assign_by_intensity", "assign_by_lattice", "cell_edge_midpoints"]
 
 #: Names given to intensity classes, brightest first.
@@ -64,9 +66,7 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
     ['A', 'B', 'O', 'A', 'B', 'O']
     """
     x = np.asarray(intensities, dtype=np.float64).ravel()
-    n = int(n_classes)
-    if n < 1:
-        raise ValueError(f"n_classes must be >= 1; got {n_classes!r}")
+    n = check_int(n_classes, "n_classes", minimum=1)
     labels_out = _check_names(names, n)
     if len(x) < n:
         raise ValueError(f"intensities must hold at least n_classes={n} values; got {len(x)}")
@@ -188,8 +188,7 @@ def cell_edge_midpoints(cells, *, merge_distance: float = 1.0) -> np.ndarray:
     """
     from scipy.spatial import cKDTree
 
-    if not (np.isfinite(merge_distance) and merge_distance > 0):
-        raise ValueError(f"merge_distance must be a positive number of px; got {merge_distance!r}")
+    check_real(merge_distance, "merge_distance", greater=0)
     corners = np.asarray(cells.to_numpy().corners, dtype=np.float64)
     if corners.size == 0:
         return np.zeros((0, 2))
