@@ -30,14 +30,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._checks import check_pair, check_real, fail
+from ._checks import check_choice, check_pair, check_real, fail
 from ._progress import progress_bar
 
 __all__ = ["Lattice", "Truth", "simulate_image", "simulate_stack"]
 
 #: Intensity exponent of HAADF contrast (I ~ Z**1.7).
 Z_EXPONENT = 1.7
-_ATOMIC_NUMBER = {"O": 8, "Ti": 22, "Sr": 38, "Mn": 25, "La": 57, "Pb": 82, "Zr": 40}
+#: Exponent of the dips of ABF contrast: depth ~ (sum of Z over the column)**(1/3), so light
+#: atoms are visible and heavy columns differ little.
+ABF_Z_EXPONENT = 1.0 / 3.0
+_ATOMIC_NUMBER = {"O": 8, "Ti": 22, "Sr": 38, "Mn": 25, "La": 57, "Pb": 82, "Zr": 40,
+                  "C": 6, "S": 16, "Mo": 42, "Se": 34, "W": 74}
+_CONTRASTS = ("bright", "dark")
+#: Default lattice parameter (pm) of each named lattice.
+_NAMED_A_PM = {"srtio3": 390.5, "square": 390.5, "mos2": 316.0, "honeycomb": 246.0}
+
+
+def _column_intensity(atoms: Sequence[str], contrast: str) -> float:
+    """Bright (HAADF): sum of Z**1.7 over the column's atoms; dark (ABF): (sum Z)**(1/3)."""
+    z = [_ATOMIC_NUMBER[a] for a in atoms]
+    if contrast == "bright":
+        return float(sum(v ** Z_EXPONENT for v in z))
+    return float(sum(z) ** ABF_Z_EXPONENT)
+
+
+#: Hexagonal lattice vectors (rows a1, a2; 120 deg apart) of unit length, (row, col).
+_HEXAGONAL = np.array([[1.0, 0.0], [-0.5, np.sqrt(3.0) / 2.0]])
 
 
 @dataclass(frozen=True)
@@ -97,15 +116,24 @@ class Lattice:
         object.__setattr__(self, "species", tuple(str(s) for s in self.species))
 
     @classmethod
-    def srtio3(cls, a_pm: float = 390.5) -> Lattice:
-        """SrTiO3 viewed along [001]: Sr, Ti-O and two O columns per cell, I ~ Z**1.7."""
+    def srtio3(cls, a_pm: float = 390.5, contrast: str = "bright") -> Lattice:
+        """SrTiO3 viewed along [001]: Sr, Ti-O and two O columns per cell.
+
+        ``contrast="bright"`` (HAADF): peaks ~ Z**1.7 summed over the column's atoms;
+        ``"dark"`` (ABF): dip depths ~ (sum of Z)**(1/3) (Sr 1, Ti-O 0.93, O 0.60), so the O
+        columns are visible and the Sr and Ti-O columns differ little.
+        """
+        contrast = check_choice(contrast, "contrast", _CONTRASTS)
         z = _ATOMIC_NUMBER
-        inten = [
-            z["Sr"] ** Z_EXPONENT,
-            z["Ti"] ** Z_EXPONENT + z["O"] ** Z_EXPONENT,
-            z["O"] ** Z_EXPONENT,
-            z["O"] ** Z_EXPONENT,
-        ]
+        if contrast == "bright":
+            inten = [
+                z["Sr"] ** Z_EXPONENT,
+                z["Ti"] ** Z_EXPONENT + z["O"] ** Z_EXPONENT,
+                z["O"] ** Z_EXPONENT,
+                z["O"] ** Z_EXPONENT,
+            ]
+        else:
+            inten = [_column_intensity(c, "dark") for c in (["Sr"], ["Ti", "O"], ["O"], ["O"])]
         return cls(
             vectors_pm=np.array([[a_pm, 0.0], [0.0, a_pm]]),
             basis=np.array([[0.0, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, 0.5]]),
@@ -118,6 +146,43 @@ class Lattice:
     def square(cls, a_pm: float = 390.5, species: str = "X") -> Lattice:
         """A simple square lattice with one column per cell."""
         return cls(np.array([[a_pm, 0.0], [0.0, a_pm]]), np.zeros((1, 2)), (species,), np.ones(1))
+
+    @classmethod
+    def mos2(cls, a_pm: float = 316.0, contrast: str = "bright") -> Lattice:
+        """2H-MoS2 viewed along [001]: a honeycomb of Mo and S2 columns (a = 316 pm).
+
+        Lattice vectors 120 deg apart; Mo at fractional (1/3, 2/3), the S2 column (two S
+        atoms on top of each other) at (2/3, 1/3). Bright (HAADF, Z**1.7): S2 is 0.39 of
+        Mo; dark (ABF, (sum Z)**(1/3)): 0.91.
+
+        Examples
+        --------
+        >>> from stemgpu.synthetic import Lattice
+        >>> lat = Lattice.mos2()
+        >>> lat.species, round(float(lat.intensity[1]), 3)
+        (('Mo', 'S2'), 0.388)
+        """
+        contrast = check_choice(contrast, "contrast", _CONTRASTS)
+        inten = [_column_intensity(["Mo"], contrast), _column_intensity(["S", "S"], contrast)]
+        return cls(_HEXAGONAL * a_pm, np.array([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]), ("Mo", "S2"),
+                   np.array(inten))
+
+    @classmethod
+    def graphene(cls, a_pm: float = 246.0, species: str = "C") -> Lattice:
+        """Graphene: a honeycomb of one species, two columns per cell (a = 246 pm).
+
+        The two columns at fractional (1/3, 2/3) and (2/3, 1/3) are equally bright; the
+        nearest-neighbour distance is ``a / sqrt(3)`` (142 pm), and the lattice vectors of
+        the cells join columns of the same sublattice.
+
+        Examples
+        --------
+        >>> from stemgpu.synthetic import Lattice
+        >>> Lattice.graphene().species
+        ('C', 'C')
+        """
+        return cls(_HEXAGONAL * a_pm, np.array([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]),
+                   (species, species), np.ones(2))
 
 
 @dataclass(frozen=True)
@@ -147,6 +212,8 @@ class Truth:
         The B-site part of ``displacement`` (zero for other species), px.
     removed_positions : (M, 2)
         Columns removed as vacancies (not rendered).
+    contrast : {"bright", "dark"}
+        Columns rendered as peaks above the background or as dips below it.
     """
 
     positions: np.ndarray
@@ -171,6 +238,7 @@ class Truth:
     lattice: Lattice
     rotation_deg: float
     parameters: dict = field(default_factory=dict)
+    contrast: str = "bright"
 
     @property
     def probe_sigma_px(self) -> float:
@@ -361,6 +429,7 @@ def simulate_stack(
     origin_px: Sequence[float] | None = None,
     seed: int | np.random.Generator | None = 0,
     progress: bool = False,
+    contrast: str = "bright",
 ) -> tuple[np.ndarray, Truth]:
     """Simulate a HAADF-STEM image stack with exact ground truth.
 
@@ -368,10 +437,13 @@ def simulate_stack(
     ----------
     shape : (frames, rows, cols) or (rows, cols)
         Stack size.
-    lattice : Lattice or "SrTiO3" or "square"
-        Projected crystal; ``lattice_parameter_pm`` rescales the named lattices.
+    lattice : Lattice or "SrTiO3", "square", "MoS2" or "honeycomb"
+        Projected crystal; ``lattice_parameter_pm`` rescales the named lattices. ``"MoS2"``
+        is :meth:`Lattice.mos2` (Mo and S2 on a honeycomb), ``"honeycomb"`` is
+        :meth:`Lattice.graphene` (one species on a honeycomb).
     lattice_parameter_pm : float, optional
-        Lattice parameter of the named lattices (default 390.5 pm, SrTiO3).
+        Lattice parameter of the named lattices (default 390.5 pm for SrTiO3 and square,
+        316 pm for MoS2, 246 pm for the honeycomb).
     rotation_deg : float
         In-plane rotation of the lattice vectors, degrees.
     pixel_size_pm : float
@@ -411,6 +483,13 @@ def simulate_stack(
         Random seed (noise, jitter, vacancies, origin).
     progress : bool
         Show a tqdm progress bar over frames.
+    contrast : {"bright", "dark"}
+        ``"bright"`` (HAADF/ADF): columns are peaks above the background. ``"dark"``
+        (ABF-like): columns are dips of depth ``dose * intensity`` below a bright level of
+        ``background * dose``, so ``background`` must be above 1 (e.g. 4); the named
+        lattices then use ABF depths ``~ (sum Z)**(1/3)`` (:meth:`Lattice.srtio3`), a given
+        :class:`Lattice` its ``intensity`` as depths. Noise is Poisson on the counts
+        either way; ``truth.intensity`` holds the depths.
 
     Returns
     -------
@@ -432,16 +511,22 @@ def simulate_stack(
     ((3, 64, 64), 'float32')
     >>> truth.registration_shifts().shape
     (3, 2)
+
+    Dark (ABF-like) SrTiO3: the columns are dips below a bright background.
+
+    >>> abf, t = simulate_stack((1, 64, 64), contrast="dark", background=4.0, dose=None)
+    >>> bool(abf.max() <= 4.0 and abf.min() < 3.2), t.contrast
+    (True, 'dark')
     """
     n, h, w = _check_shape(shape)
     o = _check_options(pixel_size_pm=pixel_size_pm, probe_sigma_pm=probe_sigma_pm, dose=dose,
                        background=background, read_noise=read_noise, drift_px=drift_px,
                        frame_jitter_px=frame_jitter_px, line_jitter_px=line_jitter_px,
                        flyback_px=flyback_px, flyback_decay_px=flyback_decay_px,
-                       vacancies=vacancies)
+                       vacancies=vacancies, contrast=contrast)
     a_mat = _check_distortion(distortion)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    lat = _resolve_lattice(lattice, lattice_parameter_pm)
+    lat = _resolve_lattice(lattice, lattice_parameter_pm, o["contrast"])
     scan = _scan_offsets(rng, n, h, o)
     theta = np.deg2rad(rotation_deg)
     rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
@@ -477,6 +562,7 @@ def simulate_stack(
         shape=(n, h, w),
         lattice=lat,
         rotation_deg=float(rotation_deg),
+        contrast=o["contrast"],
         parameters={
             "read_noise": o["read_noise"],
             "drift_px": o["drift"].tolist(),
@@ -493,12 +579,17 @@ def simulate_stack(
 
 def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_noise, drift_px,
                    frame_jitter_px, line_jitter_px, flyback_px, flyback_decay_px,
-                   vacancies) -> dict:
+                   vacancies, contrast) -> dict:
     """The scalar and pair options of :func:`simulate_stack`, checked and converted."""
     vac = check_real(vacancies, "vacancies", minimum=0)
     if vac >= 1.0:
         fail("vacancies", "a fraction in [0, 1)", vacancies)
+    contrast = check_choice(contrast, "contrast", _CONTRASTS)
+    if contrast == "dark" and not check_real(background, "background", minimum=0) > 1.0:
+        fail("background", "a number > 1 with contrast='dark' (the bright level as a multiple "
+             "of dose, above the deepest dip)", background)
     return {
+        "contrast": contrast,
         "pixel": check_real(pixel_size_pm, "pixel_size_pm", greater=0),
         "sigma_pm": check_real(probe_sigma_pm, "probe_sigma_pm", greater=0),
         "dose": None if dose is None else check_real(dose, "dose", greater=0),
@@ -513,19 +604,23 @@ def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_nois
     }
 
 
-def _resolve_lattice(lattice, lattice_parameter_pm) -> Lattice:
+def _resolve_lattice(lattice, lattice_parameter_pm, contrast: str = "bright") -> Lattice:
     """A :class:`Lattice` from a Lattice or a name, rescaled by ``lattice_parameter_pm``."""
     if isinstance(lattice, Lattice):
         return lattice
-    if isinstance(lattice, str):
+    if isinstance(lattice, str) and lattice.lower() in _NAMED_A_PM:
         key = lattice.lower()
-        a_pm = 390.5 if lattice_parameter_pm is None else lattice_parameter_pm
+        a_pm = _NAMED_A_PM[key] if lattice_parameter_pm is None else lattice_parameter_pm
         a_pm = check_real(a_pm, "lattice_parameter_pm", greater=0)
         if key == "srtio3":
-            return Lattice.srtio3(a_pm)
-        if key == "square":
-            return Lattice.square(a_pm)
-    raise ValueError(f"lattice must be a Lattice, 'SrTiO3' or 'square'; got {lattice!r}")
+            return Lattice.srtio3(a_pm, contrast=contrast)
+        if key == "mos2":
+            return Lattice.mos2(a_pm, contrast=contrast)
+        if key == "honeycomb":
+            return Lattice.graphene(a_pm)
+        return Lattice.square(a_pm)
+    raise ValueError(f"lattice must be a Lattice, 'SrTiO3' or 'square' (or 'MoS2', "
+                     f"'honeycomb'); got {lattice!r}")
 
 
 def _scan_offsets(rng, n: int, h: int, o: dict) -> dict:
@@ -593,7 +688,10 @@ def _render_stack(rng, shape, cols: dict, a_mat, scan: dict, o: dict, progress: 
             h, w, cols["positions"], cols["amplitude"], sigma_px, a_mat, scan["offsets"][f],
             line_jit[f], fly_b, o["fly_tau"], radius,
         )
-        expected = scale * (o["background"] + clean)
+        if o["contrast"] == "bright":
+            expected = scale * (o["background"] + clean)
+        else:  # dips below the bright level; overlapping dips never go below zero counts
+            expected = scale * np.maximum(o["background"] - clean, 0.0)
         if dose is not None:
             frame = rng.poisson(expected).astype(np.float64)
             if o["read_noise"] > 0:
