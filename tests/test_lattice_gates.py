@@ -151,6 +151,21 @@ def test_abf_sr_and_tio_do_not_separate_by_intensity():
     assert np.all(labels[cation] == "A") and np.all(labels[~cation] == "B")
     with pytest.raises(AnalysisError, match="does not match the lattice given"):
         unit_cells(pos, species=labels, pixel_size=PX, lattice=390.5)
+    # Without a lattice parameter the intensities tell: the corners are a checkerboard.
+    with pytest.raises(AnalysisError, match=r"corners alternate between two intensities "
+                       r"\(checkerboard ratio 2\.\d+, limit 1.5"):
+        unit_cells(pos, species=labels, intensities=amp, pixel_size=PX)
+
+
+def test_checkerboard_gate_passes_one_species_corners():
+    image, _ = simulate_image((256, 256), dose=200.0, seed=1)
+    amp, pos = fitted_amplitudes(image)
+    labels = assign_by_intensity(amp, n_classes=2)
+    cells = unit_cells(pos, species=labels, intensities=amp, pixel_size=PX)
+    rec = cells.parameters["gates"]["corner_checkerboard"]
+    assert rec["passed"] and rec["value"] < 1.0 and cells.n_cells >= 16
+    same = unit_cells(pos, species=labels, pixel_size=PX)
+    np.testing.assert_array_equal(cells.strain, same.strain)  # the gate changes no number
 
 
 def test_merged_species_are_refused():

@@ -39,7 +39,13 @@ import numpy as np
 from .._checks import check_choice, check_real
 from .._inputs import resolve_pixel_size
 from ..backend import HostCopyMixin, resolve_backend, to_host
-from .gates import AnalysisError, check_hexagonal, check_lattice_parameter, check_square
+from .gates import (
+    AnalysisError,
+    check_corner_checkerboard,
+    check_hexagonal,
+    check_lattice_parameter,
+    check_square,
+)
 from .strain import bsite_displacement, strain_components
 
 __all__ = ["UnitCells", "unit_cells"]
@@ -378,9 +384,11 @@ def unit_cells(
         Species of each column. Without it (and without ``intensities``) every position is
         taken as a corner (A-site) column and no B-site displacement is computed.
     intensities : (N,) array, optional
-        Fitted column intensities; used when ``species`` is not given, split into three
-        classes ``"A"``, ``"B"``, ``"O"`` (brightest first) by
-        :func:`stemgpu.lattice.sublattice.assign_by_intensity`.
+        Fitted column intensities. Without ``species`` they are split into classes
+        ``"A"``, ``"B"``, ``"O"`` (brightest first; ``"A"``, ``"B"`` on the primitive-cell
+        paths) by :func:`stemgpu.lattice.sublattice.assign_by_intensity`. With ``species``
+        they feed the one-species-at-the-corners gate of the perovskite path
+        (:func:`~stemgpu.lattice.gates.check_corner_checkerboard`).
     a_site, b_site : label, optional
         The corner and the centre species among ``species`` (default ``"A"`` and ``"B"``
         when those labels exist), e.g. ``a_site="Sr", b_site="TiO"``.
@@ -505,8 +513,9 @@ def unit_cells(
         quads, hand, rejected = _reject_non_cells(quads, pts, kind, ref_value, tolerances)
         counts.update(rejected)
     geometry = _cell_geometry(pts[quads])
+    corner_values = _corner_intensities(intensities, species, a_idx[quads], n)
     gates = _gates(kind, ref_value, geometry, counts.pop("candidate_sides", None), tolerances,
-                   px)
+                   px, corner_values)
     reference = _reference_cell(geometry, kind, ref_value, hand)
     comps = _strain(geometry["vectors"], reference)
     bsite_index, disp = _assign_bsites(geometry["centres"], x, b_mask, flagged, reference,
@@ -674,12 +683,26 @@ def _no_bsite(b_site, kind: str):
     return None
 
 
-def _gates(kind: str, ref_value, geometry: dict, candidate_sides, tol: dict, px) -> dict:
+def _corner_intensities(intensities, species, corner_index, n: int):
+    """(n_cells, 4) intensities of the corners when both intensities and species are given."""
+    if intensities is None or species is None:
+        return None
+    inten = np.asarray(intensities, dtype=np.float64)
+    if inten.shape != (n,):
+        raise ValueError(
+            f"intensities must hold one value per position ({n}); got shape {inten.shape}")
+    return inten[corner_index]
+
+
+def _gates(kind: str, ref_value, geometry: dict, candidate_sides, tol: dict, px,
+           corner_values=None) -> dict:
     """Run the lattice gates (:mod:`stemgpu.lattice.gates`); the records of those passed."""
     vectors = geometry["vectors"]
     out: dict = {}
     if kind in ("square", "median", "side"):
         out.update(check_square(vectors, pixel_size=px))
+    if corner_values is not None and kind not in ("hexagonal", "generic"):
+        out.update(check_corner_checkerboard(corner_values))
     if kind == "hexagonal":
         out.update(check_hexagonal(vectors, pixel_size=px))
     expected = None
