@@ -1,4 +1,4 @@
-"""The lecture's unit-cell table in one call: medians, standard deviations and their error bars.
+"""The unit-cell table in one call: medians, standard deviations and their error bars.
 
 Every row is the median over cells, the standard deviation over cells (the cell-to-cell
 scatter: noise plus real variation) and the *uncertainty of the median* (how well the median
@@ -264,7 +264,7 @@ def median_uncertainty(values, *, method: str = "auto", n_bootstrap: int = 200,
 
 def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str = "auto",
                     n_bootstrap: int = 200, seed: int = 0) -> CellStatistics:
-    """The lecture's table of unit-cell figures in calibrated units, with error bars.
+    """The table of unit-cell figures (sides, angles, area, distortions, B-site) with error bars.
 
     Parameters
     ----------
