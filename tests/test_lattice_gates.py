@@ -13,7 +13,7 @@ from stemgpu.atoms.find import find_atoms
 from stemgpu.atoms.fit import fit_atoms
 from stemgpu.lattice import gates
 from stemgpu.lattice.cells import unit_cells
-from stemgpu.lattice.gates import AnalysisError, class_separation
+from stemgpu.lattice.gates import AnalysisError, class_separation, gate_warnings
 from stemgpu.lattice.perovskite import place_o_columns
 from stemgpu.lattice.sublattice import assign_by_intensity, cell_edge_midpoints
 from stemgpu.synthetic import Lattice, simulate_image, simulate_stack
@@ -47,6 +47,11 @@ def test_square_gate_limits_and_records():
     ok = unit_cells(grid(10, 10, 26.0, 26.0 * 1.15), pixel_size=PX)  # ratio 1.15 < 1.2
     rec = ok.parameters["gates"]["side_ratio"]
     assert rec["passed"] and rec["value"] == pytest.approx(1.15) and rec["limit"] == 1.2
+    assert gate_warnings(ok.parameters["gates"], closeness=0.7) == [
+        "gate side_ratio close: 1.15 against the limit 1.2"]
+    assert gate_warnings(ok.parameters["gates"]) == []  # 75 % of the way from 1 to 1.2
+    far = unit_cells(grid(10, 10, 26.0, 26.0), pixel_size=PX)
+    assert gate_warnings(far.parameters["gates"]) == []
     with pytest.raises(AnalysisError, match="ratio 1.250"):
         unit_cells(grid(10, 10, 26.0, 26.0 * 1.25), pixel_size=PX)
     # A rhombic lattice of 82 deg passes the per-cell test (12 deg) but not the median gate.
@@ -115,6 +120,10 @@ def test_haadf_srtio3_split_passes_with_a_wide_margin(seed):
     labels = assign_by_intensity(amp, n_classes=2)
     d = class_separation(amp, labels)[("A", "B")]
     assert d > 3 * gates.SEPARATION_MIN  # measured 40-42 at dose 200, 12-180 overall
+    record = gates.check_separation(amp, labels)
+    assert record["species_separation"]["value"] == d and gate_warnings(record) == []
+    assert gate_warnings({"species_separation": {**record["species_separation"],
+                                                 "value": 4.5}}) != []
     sp = nearest_species(truth, pos)
     assert np.all(labels[sp == "Sr"] == "A") and np.all(labels[sp == "TiO"] == "B")
 

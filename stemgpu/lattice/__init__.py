@@ -47,6 +47,7 @@ _LAZY = {
     "AnalysisError": ".gates",
     "check_separation": ".gates",
     "class_separation": ".gates",
+    "gate_warnings": ".gates",
     "CELL_TOLERANCES": ".perovskite",
     "place_o_columns": ".perovskite",
     "QUANTITIES": ".plot",

@@ -2,8 +2,9 @@
 
 A gate compares one figure of the data with a limit and raises :class:`AnalysisError` when it
 is crossed, with a message that says what was found and what to check. Every gate also
-returns a record ``{"value": ..., "limit": ..., "passed": ...}`` that the caller keeps (e.g.
-``UnitCells.parameters["gates"]``) so a summary can warn when a gate was close.
+returns a record ``{"value": ..., "limit": ..., "passed": ..., "bound": "max" | "min"}`` that
+the caller keeps (e.g. ``UnitCells.parameters["gates"]``) so that a summary can warn when a
+gate was close (:func:`gate_warnings`).
 
 The gates and their limits
 --------------------------
@@ -52,6 +53,7 @@ __all__ = [
     "check_separation",
     "check_square",
     "class_separation",
+    "gate_warnings",
     "median_cell",
 ]
 
@@ -149,7 +151,7 @@ def check_square(vectors, *, pixel_size=None) -> dict:
     if len(vectors) == 0:
         return {}
     l1, l2, ratio, angle = _shape(median_cell(vectors))
-    record = {"side_ratio": _record(ratio, SIDE_RATIO_MAX),
+    record = {"side_ratio": _record(ratio, SIDE_RATIO_MAX, baseline=1.0),
               "angle_deviation_deg": _record(abs(angle - 90.0), SQUARE_ANGLE_MAX_DEG)}
     if not all(r["passed"] for r in record.values()):
         raise AnalysisError(
@@ -193,7 +195,7 @@ def check_hexagonal(vectors, *, pixel_size=None) -> dict:
     if len(vectors) == 0:
         return {}
     l1, l2, ratio, angle = _shape(median_cell(vectors))
-    record = {"side_ratio": _record(ratio, SIDE_RATIO_MAX),
+    record = {"side_ratio": _record(ratio, SIDE_RATIO_MAX, baseline=1.0),
               "angle_deviation_deg": _record(abs(angle - 120.0), HEXAGONAL_ANGLE_MAX_DEG)}
     if not all(r["passed"] for r in record.values()):
         raise AnalysisError(
@@ -317,8 +319,52 @@ def check_corner_checkerboard(corner_values, *, limit: float = CHECKERBOARD_MAX)
     return record
 
 
-def _record(value: float, limit: float) -> dict:
-    return {"value": float(value), "limit": float(limit), "passed": bool(value <= limit)}
+def _record(value: float, limit: float, baseline: float = 0.0) -> dict:
+    """A gate record; ``baseline`` is the value of flawless data (1 for a side ratio)."""
+    return {"value": float(value), "limit": float(limit), "passed": bool(value <= limit),
+            "bound": "max", "baseline": float(baseline)}
+
+
+def gate_warnings(records: dict, *, closeness: float = 0.8) -> list[str]:
+    """One warning line per gate that passed but came close to its limit.
+
+    A gate with an upper limit is close when its value has gone ``closeness`` of the way
+    from its ``baseline`` (the value of flawless data: 0, or 1 for a side ratio) to the
+    limit; one with a lower limit (the species separation) when its value is below
+    ``limit / closeness``.
+
+    Parameters
+    ----------
+    records : dict
+        Gate records, e.g. ``UnitCells.parameters["gates"]`` or the return value of
+        :func:`check_separation`.
+    closeness : float
+        Fraction of the limit (0 to 1) from which a passed gate is reported.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.lattice.gates import check_square, gate_warnings
+    >>> gate_warnings(check_square(np.array([[[20.0, 0.0], [0.0, 23.5]]])))
+    ['gate side_ratio close: 1.18 against the limit 1.2']
+    >>> gate_warnings(check_square(np.array([[[20.0, 0.0], [0.0, 20.5]]])))
+    []
+    """
+    out = []
+    for name, r in records.items():
+        if not r.get("passed", True):
+            continue
+        value, limit = float(r["value"]), float(r["limit"])
+        base = float(r.get("baseline", 0.0))
+        close = (value - base > closeness * (limit - base) if r.get("bound", "max") == "max"
+                 else value < limit / closeness)
+        if close:
+            out.append(f"gate {name} close: {value:.3g} against the limit {limit:.3g}")
+    return out
 
 
 def class_separation(values, labels) -> dict:
@@ -439,7 +485,7 @@ def check_separation(values, labels, *, min_separation: float = SEPARATION_MIN) 
     record = {"species_separation": {
         "value": d, "limit": float(min_separation),
         "passed": bool(d >= min_separation and fraction >= CLASS_FRACTION_MIN),
-        "pairs": {f"{a}/{b}": v for (a, b), v in pairs.items()},
+        "bound": "min", "pairs": {f"{a}/{b}": v for (a, b), v in pairs.items()},
         "smallest_class_fraction": fraction}}
     if not record["species_separation"]["passed"]:
         hi, lo = weakest
@@ -502,7 +548,7 @@ def check_not_merged(values, more_labels, n_classes: int, *,
     merged = bool(d >= min_separation and fraction >= CLASS_FRACTION_MIN
                   and size >= _CLASS_SIZE_MIN)
     record = {"extra_class_separation": {"value": d, "limit": float(min_separation),
-                                         "passed": not merged}}
+                                         "passed": not merged, "bound": "max"}}
     if merged:
         shown = ", ".join(f"{v:.1f}" for v in pairs.values())
         raise AnalysisError(
