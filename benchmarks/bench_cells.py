@@ -1,4 +1,5 @@
-"""Unit cells: ``unit_cells`` (Delaunay pairing, geometry, strain, B-site) and the statistics.
+"""Unit cells: ``unit_cells`` (Delaunay pairing, geometry, strain, B-site; the hexagonal
+primitive-cell path) and the statistics.
 
 Run ``python -m pytest benchmarks/bench_cells.py --benchmark-only`` (default: 10^4 A-site
 columns, seconds on a 2-core CPU); ``STEMGPU_BENCH_FULL=1`` adds 10^6 columns. The geometry
@@ -63,3 +64,29 @@ def test_cell_statistics(benchmark, columns):
     benchmark.extra_info.update({"impl": f"stemgpu-host-{stats.method}",
                                  "case": f"{side * side} A-site columns",
                                  "cells": cells.n_cells})
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=str)
+def hexagonal_columns(request):
+    """``n`` columns of a hexagonal lattice (a = 316 pm, the Mo sublattice of MoS2), 2 pm
+    noise."""
+    side = int(round(np.sqrt(int(request.param))))
+    v = np.array([[1.0, 0.0], [-0.5, np.sqrt(3.0) / 2.0]]) * 316.0 / PIXEL_PM
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    pos = np.stack([i.ravel(), j.ravel()], 1) @ v
+    rng = np.random.default_rng(0)
+    return pos + rng.normal(scale=2.0 / PIXEL_PM, size=pos.shape), side
+
+
+@pytest.mark.benchmark(group="cells")
+def test_unit_cells_hexagonal(benchmark, hexagonal_columns):
+    pos, side = hexagonal_columns
+    cells = benchmark.pedantic(unit_cells, args=(pos,),
+                               kwargs={"lattice": "hexagonal", "pixel_size": PIXEL_PM},
+                               rounds=3, iterations=1, warmup_rounds=0)
+    lengths = np.linalg.norm(cells.vectors, axis=2) * PIXEL_PM
+    benchmark.extra_info.update({
+        "impl": "stemgpu-host", "case": f"{side * side} hexagonal columns",
+        "cells": cells.n_cells, "expected_cells": (side - 1) ** 2,
+        "median_a_error_pm": float(np.median(lengths) - 316.0),
+    })

@@ -30,11 +30,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._checks import check_choice, check_pair, check_real, fail
+from ._progress import progress_bar
+
 __all__ = ["Lattice", "Truth", "simulate_image", "simulate_stack"]
 
 #: Intensity exponent of HAADF contrast (I ~ Z**1.7).
 Z_EXPONENT = 1.7
-_ATOMIC_NUMBER = {"O": 8, "Ti": 22, "Sr": 38, "Mn": 25, "La": 57, "Pb": 82, "Zr": 40}
+#: Exponent of the dips of ABF contrast: depth ~ (sum of Z over the column)**(1/3), so light
+#: atoms are visible and heavy columns differ little.
+ABF_Z_EXPONENT = 1.0 / 3.0
+_ATOMIC_NUMBER = {"O": 8, "Ti": 22, "Sr": 38, "Mn": 25, "La": 57, "Pb": 82, "Zr": 40,
+                  "C": 6, "S": 16, "Mo": 42, "Se": 34, "W": 74}
+_CONTRASTS = ("bright", "dark")
+#: Default lattice parameter (pm) of each named lattice.
+_NAMED_A_PM = {"srtio3": 390.5, "square": 390.5, "mos2": 316.0, "honeycomb": 246.0}
+
+
+def _column_intensity(atoms: Sequence[str], contrast: str) -> float:
+    """Bright (HAADF): sum of Z**1.7 over the column's atoms; dark (ABF): (sum Z)**(1/3)."""
+    z = [_ATOMIC_NUMBER[a] for a in atoms]
+    if contrast == "bright":
+        return float(sum(v ** Z_EXPONENT for v in z))
+    return float(sum(z) ** ABF_Z_EXPONENT)
+
+
+#: Hexagonal lattice vectors (rows a1, a2; 120 deg apart) of unit length, (row, col).
+_HEXAGONAL = np.array([[1.0, 0.0], [-0.5, np.sqrt(3.0) / 2.0]])
 
 
 @dataclass(frozen=True)
@@ -94,15 +116,24 @@ class Lattice:
         object.__setattr__(self, "species", tuple(str(s) for s in self.species))
 
     @classmethod
-    def srtio3(cls, a_pm: float = 390.5) -> Lattice:
-        """SrTiO3 viewed along [001]: Sr, Ti-O and two O columns per cell, I ~ Z**1.7."""
+    def srtio3(cls, a_pm: float = 390.5, contrast: str = "bright") -> Lattice:
+        """SrTiO3 viewed along [001]: Sr, Ti-O and two O columns per cell.
+
+        ``contrast="bright"`` (HAADF): peaks ~ Z**1.7 summed over the column's atoms;
+        ``"dark"`` (ABF): dip depths ~ (sum of Z)**(1/3) (Sr 1, Ti-O 0.93, O 0.60), so the O
+        columns are visible and the Sr and Ti-O columns differ little.
+        """
+        contrast = check_choice(contrast, "contrast", _CONTRASTS)
         z = _ATOMIC_NUMBER
-        inten = [
-            z["Sr"] ** Z_EXPONENT,
-            z["Ti"] ** Z_EXPONENT + z["O"] ** Z_EXPONENT,
-            z["O"] ** Z_EXPONENT,
-            z["O"] ** Z_EXPONENT,
-        ]
+        if contrast == "bright":
+            inten = [
+                z["Sr"] ** Z_EXPONENT,
+                z["Ti"] ** Z_EXPONENT + z["O"] ** Z_EXPONENT,
+                z["O"] ** Z_EXPONENT,
+                z["O"] ** Z_EXPONENT,
+            ]
+        else:
+            inten = [_column_intensity(c, "dark") for c in (["Sr"], ["Ti", "O"], ["O"], ["O"])]
         return cls(
             vectors_pm=np.array([[a_pm, 0.0], [0.0, a_pm]]),
             basis=np.array([[0.0, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, 0.5]]),
@@ -115,6 +146,43 @@ class Lattice:
     def square(cls, a_pm: float = 390.5, species: str = "X") -> Lattice:
         """A simple square lattice with one column per cell."""
         return cls(np.array([[a_pm, 0.0], [0.0, a_pm]]), np.zeros((1, 2)), (species,), np.ones(1))
+
+    @classmethod
+    def mos2(cls, a_pm: float = 316.0, contrast: str = "bright") -> Lattice:
+        """2H-MoS2 viewed along [001]: a honeycomb of Mo and S2 columns (a = 316 pm).
+
+        Lattice vectors 120 deg apart; Mo at fractional (1/3, 2/3), the S2 column (two S
+        atoms on top of each other) at (2/3, 1/3). Bright (HAADF, Z**1.7): S2 is 0.39 of
+        Mo; dark (ABF, (sum Z)**(1/3)): 0.91.
+
+        Examples
+        --------
+        >>> from stemgpu.synthetic import Lattice
+        >>> lat = Lattice.mos2()
+        >>> lat.species, round(float(lat.intensity[1]), 3)
+        (('Mo', 'S2'), 0.388)
+        """
+        contrast = check_choice(contrast, "contrast", _CONTRASTS)
+        inten = [_column_intensity(["Mo"], contrast), _column_intensity(["S", "S"], contrast)]
+        return cls(_HEXAGONAL * a_pm, np.array([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]), ("Mo", "S2"),
+                   np.array(inten))
+
+    @classmethod
+    def graphene(cls, a_pm: float = 246.0, species: str = "C") -> Lattice:
+        """Graphene: a honeycomb of one species, two columns per cell (a = 246 pm).
+
+        The two columns at fractional (1/3, 2/3) and (2/3, 1/3) are equally bright; the
+        nearest-neighbour distance is ``a / sqrt(3)`` (142 pm), and the lattice vectors of
+        the cells join columns of the same sublattice.
+
+        Examples
+        --------
+        >>> from stemgpu.synthetic import Lattice
+        >>> Lattice.graphene().species
+        ('C', 'C')
+        """
+        return cls(_HEXAGONAL * a_pm, np.array([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]),
+                   (species, species), np.ones(2))
 
 
 @dataclass(frozen=True)
@@ -144,6 +212,8 @@ class Truth:
         The B-site part of ``displacement`` (zero for other species), px.
     removed_positions : (M, 2)
         Columns removed as vacancies (not rendered).
+    contrast : {"bright", "dark"}
+        Columns rendered as peaks above the background or as dips below it.
     """
 
     positions: np.ndarray
@@ -168,6 +238,7 @@ class Truth:
     lattice: Lattice
     rotation_deg: float
     parameters: dict = field(default_factory=dict)
+    contrast: str = "bright"
 
     @property
     def probe_sigma_px(self) -> float:
@@ -211,24 +282,6 @@ class Truth:
             & (p[:, 1] >= margin)
             & (p[:, 1] <= w - 1 - margin)
         )
-
-
-def _as_pair(value, name: str) -> np.ndarray:
-    arr = np.broadcast_to(np.asarray(value, dtype=float), (2,)).copy()
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite; got {value!r}")
-    return arr
-
-
-def _check_positive(value, name: str, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number; got {value!r}") from None
-    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        accepted = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise ValueError(f"{name} must be {accepted}; got {value!r}")
-    return v
 
 
 def _check_shape(shape) -> tuple[int, int, int]:
@@ -376,6 +429,7 @@ def simulate_stack(
     origin_px: Sequence[float] | None = None,
     seed: int | np.random.Generator | None = 0,
     progress: bool = False,
+    contrast: str = "bright",
 ) -> tuple[np.ndarray, Truth]:
     """Simulate a HAADF-STEM image stack with exact ground truth.
 
@@ -383,10 +437,13 @@ def simulate_stack(
     ----------
     shape : (frames, rows, cols) or (rows, cols)
         Stack size.
-    lattice : Lattice or "SrTiO3" or "square"
-        Projected crystal; ``lattice_parameter_pm`` rescales the named lattices.
+    lattice : Lattice or "SrTiO3", "square", "MoS2" or "honeycomb"
+        Projected crystal; ``lattice_parameter_pm`` rescales the named lattices. ``"MoS2"``
+        is :meth:`Lattice.mos2` (Mo and S2 on a honeycomb), ``"honeycomb"`` is
+        :meth:`Lattice.graphene` (one species on a honeycomb).
     lattice_parameter_pm : float, optional
-        Lattice parameter of the named lattices (default 390.5 pm, SrTiO3).
+        Lattice parameter of the named lattices (default 390.5 pm for SrTiO3 and square,
+        316 pm for MoS2, 246 pm for the honeycomb).
     rotation_deg : float
         In-plane rotation of the lattice vectors, degrees.
     pixel_size_pm : float
@@ -426,6 +483,13 @@ def simulate_stack(
         Random seed (noise, jitter, vacancies, origin).
     progress : bool
         Show a tqdm progress bar over frames.
+    contrast : {"bright", "dark"}
+        ``"bright"`` (HAADF/ADF): columns are peaks above the background. ``"dark"``
+        (ABF-like): columns are dips of depth ``dose * intensity`` below a bright level of
+        ``background * dose``, so ``background`` must be above 1 (e.g. 4); the named
+        lattices then use ABF depths ``~ (sum Z)**(1/3)`` (:meth:`Lattice.srtio3`), a given
+        :class:`Lattice` its ``intensity`` as depths. Noise is Poisson on the counts
+        either way; ``truth.intensity`` holds the depths.
 
     Returns
     -------
@@ -447,71 +511,147 @@ def simulate_stack(
     ((3, 64, 64), 'float32')
     >>> truth.registration_shifts().shape
     (3, 2)
+
+    Dark (ABF-like) SrTiO3: the columns are dips below a bright background.
+
+    >>> abf, t = simulate_stack((1, 64, 64), contrast="dark", background=4.0, dose=None)
+    >>> bool(abf.max() <= 4.0 and abf.min() < 3.2), t.contrast
+    (True, 'dark')
     """
     n, h, w = _check_shape(shape)
-    pixel = _check_positive(pixel_size_pm, "pixel_size_pm")
-    sigma_pm = _check_positive(probe_sigma_pm, "probe_sigma_pm")
-    if dose is not None:
-        dose = _check_positive(dose, "dose")
-    background = _check_positive(background, "background", allow_zero=True)
-    read_noise = _check_positive(read_noise, "read_noise", allow_zero=True)
-    line_sigma = _check_positive(line_jitter_px, "line_jitter_px", allow_zero=True)
-    fly_b = float(flyback_px)
-    fly_tau = _check_positive(flyback_decay_px, "flyback_decay_px")
-    drift = _as_pair(drift_px, "drift_px")
-    jit_sigma = _as_pair(frame_jitter_px, "frame_jitter_px")
-    if np.any(jit_sigma < 0):
-        raise ValueError(f"frame_jitter_px must be >= 0; got {frame_jitter_px!r}")
+    o = _check_options(pixel_size_pm=pixel_size_pm, probe_sigma_pm=probe_sigma_pm, dose=dose,
+                       background=background, read_noise=read_noise, drift_px=drift_px,
+                       frame_jitter_px=frame_jitter_px, line_jitter_px=line_jitter_px,
+                       flyback_px=flyback_px, flyback_decay_px=flyback_decay_px,
+                       vacancies=vacancies, contrast=contrast)
     a_mat = _check_distortion(distortion)
-    vacancies = float(vacancies)
-    if not 0.0 <= vacancies < 1.0:
-        raise ValueError(f"vacancies must be a fraction in [0, 1); got {vacancies!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-
-    if isinstance(lattice, str):
-        key = lattice.lower()
-        a_pm = 390.5 if lattice_parameter_pm is None else lattice_parameter_pm
-        a_pm = _check_positive(a_pm, "lattice_parameter_pm")
-        if key == "srtio3":
-            lat = Lattice.srtio3(a_pm)
-        elif key == "square":
-            lat = Lattice.square(a_pm)
-        else:
-            raise ValueError(f"lattice must be a Lattice, 'SrTiO3' or 'square'; got {lattice!r}")
-    elif isinstance(lattice, Lattice):
-        lat = lattice
-    else:
-        raise ValueError(f"lattice must be a Lattice, 'SrTiO3' or 'square'; got {lattice!r}")
-
-    # Frame offsets: linear drift centred on the middle frame plus random jitter.
-    t = np.arange(n) - (n - 1) / 2.0
-    drift_part = t[:, None] * drift[None, :]
-    jitter_part = rng.normal(size=(n, 2)) * jit_sigma[None, :]
-    offsets = drift_part + jitter_part
-    line_jit = rng.normal(scale=line_sigma, size=(n, h)) if line_sigma > 0 else np.zeros((n, h))
-
+    lat = _resolve_lattice(lattice, lattice_parameter_pm, o["contrast"])
+    scan = _scan_offsets(rng, n, h, o)
     theta = np.deg2rad(rotation_deg)
     rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
-    vectors_px = lat.vectors_pm @ rot.T / pixel
+    vectors_px = lat.vectors_pm @ rot.T / o["pixel"]
+    box_corners = _sample_box(h, w, a_mat, scan["offsets"], o)
+    origin = (
+        rng.uniform(0.0, 1.0, size=2) * np.abs(vectors_px).sum(axis=0)
+        if origin_px is None
+        else np.array(check_pair(origin_px, "origin_px"))
+    )
+    cols = _place_columns(lat, vectors_px, box_corners, origin, strain, bsite_displacement_pm,
+                          o, rng)
+    stack = _render_stack(rng, (n, h, w), cols, a_mat, scan, o, progress)
+    truth = Truth(
+        positions=cols["positions"],
+        species=cols["species"],
+        intensity=cols["amplitude"],
+        offsets=scan["offsets"],
+        drift=scan["drift"],
+        jitter=scan["jitter"],
+        line_jitter=scan["line_jitter"],
+        distortion=a_mat,
+        lattice_vectors=vectors_px,
+        displacement=cols["displacement"],
+        bsite_displacement=cols["bsite_displacement"],
+        removed_positions=cols["removed"],
+        pixel_size_pm=o["pixel"],
+        probe_sigma_pm=o["sigma_pm"],
+        dose=o["dose"],
+        background=o["background"],
+        flyback_amplitude=o["fly_b"],
+        flyback_decay=o["fly_tau"],
+        shape=(n, h, w),
+        lattice=lat,
+        rotation_deg=float(rotation_deg),
+        contrast=o["contrast"],
+        parameters={
+            "read_noise": o["read_noise"],
+            "drift_px": o["drift"].tolist(),
+            "frame_jitter_px": o["jit_sigma"].tolist(),
+            "line_jitter_px": o["line_sigma"],
+            "vacancies": o["vacancies"],
+            "seed": seed if isinstance(seed, int | None) else "generator",
+        },
+    )
+    return stack, truth
 
-    # Cover every probe position of every frame, with room for the probe tails.
-    sigma_px = sigma_pm / pixel
-    margin = 8.0 * sigma_px + 4.0 * line_sigma + abs(fly_b) + 2.0
+
+# ----------------------------------------------------------------------------- passes
+
+def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_noise, drift_px,
+                   frame_jitter_px, line_jitter_px, flyback_px, flyback_decay_px,
+                   vacancies, contrast) -> dict:
+    """The scalar and pair options of :func:`simulate_stack`, checked and converted."""
+    vac = check_real(vacancies, "vacancies", minimum=0)
+    if vac >= 1.0:
+        fail("vacancies", "a fraction in [0, 1)", vacancies)
+    contrast = check_choice(contrast, "contrast", _CONTRASTS)
+    if contrast == "dark" and not check_real(background, "background", minimum=0) > 1.0:
+        fail("background", "a number > 1 with contrast='dark' (the bright level as a multiple "
+             "of dose, above the deepest dip)", background)
+    return {
+        "contrast": contrast,
+        "pixel": check_real(pixel_size_pm, "pixel_size_pm", greater=0),
+        "sigma_pm": check_real(probe_sigma_pm, "probe_sigma_pm", greater=0),
+        "dose": None if dose is None else check_real(dose, "dose", greater=0),
+        "background": check_real(background, "background", minimum=0),
+        "read_noise": check_real(read_noise, "read_noise", minimum=0),
+        "line_sigma": check_real(line_jitter_px, "line_jitter_px", minimum=0),
+        "fly_b": check_real(flyback_px, "flyback_px"),
+        "fly_tau": check_real(flyback_decay_px, "flyback_decay_px", greater=0),
+        "drift": np.array(check_pair(drift_px, "drift_px")),
+        "jit_sigma": np.array(check_pair(frame_jitter_px, "frame_jitter_px", minimum=0)),
+        "vacancies": vac,
+    }
+
+
+def _resolve_lattice(lattice, lattice_parameter_pm, contrast: str = "bright") -> Lattice:
+    """A :class:`Lattice` from a Lattice or a name, rescaled by ``lattice_parameter_pm``."""
+    if isinstance(lattice, Lattice):
+        return lattice
+    if isinstance(lattice, str) and lattice.lower() in _NAMED_A_PM:
+        key = lattice.lower()
+        a_pm = _NAMED_A_PM[key] if lattice_parameter_pm is None else lattice_parameter_pm
+        a_pm = check_real(a_pm, "lattice_parameter_pm", greater=0)
+        if key == "srtio3":
+            return Lattice.srtio3(a_pm, contrast=contrast)
+        if key == "mos2":
+            return Lattice.mos2(a_pm, contrast=contrast)
+        if key == "honeycomb":
+            return Lattice.graphene(a_pm)
+        return Lattice.square(a_pm)
+    raise ValueError(f"lattice must be a Lattice, 'SrTiO3' or 'square' (or 'MoS2', "
+                     f"'honeycomb'); got {lattice!r}")
+
+
+def _scan_offsets(rng, n: int, h: int, o: dict) -> dict:
+    """Frame offsets (linear drift centred on the middle frame plus jitter), line jitter."""
+    t = np.arange(n) - (n - 1) / 2.0
+    drift_part = t[:, None] * o["drift"][None, :]
+    jitter_part = rng.normal(size=(n, 2)) * o["jit_sigma"][None, :]
+    line_sigma = o["line_sigma"]
+    line_jit = rng.normal(scale=line_sigma, size=(n, h)) if line_sigma > 0 else np.zeros((n, h))
+    return {"offsets": drift_part + jitter_part, "drift": drift_part, "jitter": jitter_part,
+            "line_jitter": line_jit}
+
+
+def _sample_box(h: int, w: int, a_mat, offsets, o: dict) -> np.ndarray:
+    """Corners of a sample box covering every probe position of every frame, with tails."""
+    sigma_px = o["sigma_pm"] / o["pixel"]
+    margin = 8.0 * sigma_px + 4.0 * o["line_sigma"] + abs(o["fly_b"]) + 2.0
     corners_pix = np.array([[0, 0], [0, w - 1], [h - 1, 0], [h - 1, w - 1]], dtype=float)
     all_corners = (corners_pix @ a_mat.T)[None, :, :] + offsets[:, None, :]
     all_corners = all_corners.reshape(-1, 2)
     box = np.array(
         [all_corners.min(axis=0) - margin, all_corners.max(axis=0) + margin]
     )
-    box_corners = np.array([box[0], [box[0, 0], box[1, 1]], [box[1, 0], box[0, 1]], box[1]])
-    origin = (
-        rng.uniform(0.0, 1.0, size=2) * np.abs(vectors_px).sum(axis=0)
-        if origin_px is None
-        else _as_pair(origin_px, "origin_px")
-    )
+    return np.array([box[0], [box[0, 0], box[1, 1]], [box[1, 0], box[0, 1]], box[1]])
+
+
+def _place_columns(lat: Lattice, vectors_px, box_corners, origin, strain,
+                   bsite_displacement_pm, o: dict, rng) -> dict:
+    """Column positions, species and amplitudes in the box: strain, B-site field, vacancies."""
     pos, kinds = _lattice_sites(lat, vectors_px, box_corners - origin)
     pos = pos + origin
-
     strain_disp = _evaluate_field(strain, pos, "strain")
     is_b = np.array([lat.species[k] == lat.bsite_species for k in kinds], dtype=bool)
     b_disp = np.zeros_like(pos)
@@ -519,76 +659,49 @@ def simulate_stack(
         if lat.bsite_species is None:
             raise ValueError("bsite_displacement_pm needs a lattice with bsite_species set")
         b_disp[is_b] = _evaluate_field(bsite_displacement_pm, pos[is_b], "bsite_displacement_pm",
-                                       scale=1.0 / pixel)
-    positions = pos + strain_disp + b_disp
-    displacement = strain_disp + b_disp
-    amplitude = lat.intensity[kinds]
-    species = np.array([lat.species[k] for k in kinds])
+                                       scale=1.0 / o["pixel"])
+    cols = {"positions": pos + strain_disp + b_disp, "displacement": strain_disp + b_disp,
+            "bsite_displacement": b_disp, "amplitude": lat.intensity[kinds],
+            "species": np.array([lat.species[k] for k in kinds]), "removed": np.zeros((0, 2))}
+    if o["vacancies"] > 0:
+        drop = rng.random(len(pos)) < o["vacancies"]
+        cols["removed"] = cols["positions"][drop]
+        for key in ("positions", "displacement", "bsite_displacement", "amplitude", "species"):
+            cols[key] = cols[key][~drop]
+    return cols
 
-    removed = np.zeros((0, 2))
-    if vacancies > 0:
-        drop = rng.random(len(positions)) < vacancies
-        removed = positions[drop]
-        positions, amplitude, species = positions[~drop], amplitude[~drop], species[~drop]
-        displacement, b_disp = displacement[~drop], b_disp[~drop]
 
+def _render_stack(rng, shape, cols: dict, a_mat, scan: dict, o: dict, progress: bool):
+    """Every frame rendered at the true probe positions, plus Poisson and read noise."""
+    n, h, w = shape
+    sigma_px = o["sigma_pm"] / o["pixel"]
+    line_jit, fly_b = scan["line_jitter"], o["fly_b"]
     ainv_norm = np.linalg.norm(np.linalg.inv(a_mat), 2)
-    max_line = float(np.abs(line_jit).max()) if line_sigma > 0 else 0.0
+    max_line = float(np.abs(line_jit).max()) if o["line_sigma"] > 0 else 0.0
     radius = int(np.ceil(6.0 * sigma_px * ainv_norm + max_line + abs(fly_b) + 1.0))
-
+    dose = o["dose"]
     scale = 1.0 if dose is None else dose
     stack = np.empty((n, h, w), dtype=np.float32)
-    frames = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-
-        frames = tqdm(frames, desc="simulate", unit="frame")
-    for f in frames:
+    bar = progress_bar(progress, total=n, desc="simulate", unit="frame")
+    for f in range(n):
         clean = _render_frame(
-            h, w, positions, amplitude, sigma_px, a_mat, offsets[f], line_jit[f], fly_b,
-            fly_tau, radius,
+            h, w, cols["positions"], cols["amplitude"], sigma_px, a_mat, scan["offsets"][f],
+            line_jit[f], fly_b, o["fly_tau"], radius,
         )
-        expected = scale * (background + clean)
+        if o["contrast"] == "bright":
+            expected = scale * (o["background"] + clean)
+        else:  # dips below the bright level; overlapping dips never go below zero counts
+            expected = scale * np.maximum(o["background"] - clean, 0.0)
         if dose is not None:
             frame = rng.poisson(expected).astype(np.float64)
-            if read_noise > 0:
-                frame += rng.normal(scale=read_noise, size=frame.shape)
+            if o["read_noise"] > 0:
+                frame += rng.normal(scale=o["read_noise"], size=frame.shape)
         else:
             frame = expected
         stack[f] = frame
-
-    truth = Truth(
-        positions=positions,
-        species=species,
-        intensity=amplitude,
-        offsets=offsets,
-        drift=drift_part,
-        jitter=jitter_part,
-        line_jitter=line_jit,
-        distortion=a_mat,
-        lattice_vectors=vectors_px,
-        displacement=displacement,
-        bsite_displacement=b_disp,
-        removed_positions=removed,
-        pixel_size_pm=pixel,
-        probe_sigma_pm=sigma_pm,
-        dose=dose,
-        background=background,
-        flyback_amplitude=fly_b,
-        flyback_decay=fly_tau,
-        shape=(n, h, w),
-        lattice=lat,
-        rotation_deg=float(rotation_deg),
-        parameters={
-            "read_noise": read_noise,
-            "drift_px": drift.tolist(),
-            "frame_jitter_px": jit_sigma.tolist(),
-            "line_jitter_px": line_sigma,
-            "vacancies": vacancies,
-            "seed": seed if isinstance(seed, int | None) else "generator",
-        },
-    )
-    return stack, truth
+        bar.update(1)
+    bar.close()
+    return stack
 
 
 def simulate_image(shape: Sequence[int] = (256, 256), **kwargs) -> tuple[np.ndarray, Truth]:

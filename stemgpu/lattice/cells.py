@@ -10,6 +10,10 @@ away, relatively, from the reference side, or opposite sides differing by more t
 ``parallelogram_tolerance``) are rejected: vacancies, missing columns and grain
 boundaries produce such pairs (e.g. the sqrt(2)-larger square around a vacancy).
 
+With ``lattice="hexagonal"`` or ``"generic"`` the cells are instead the primitive
+parallelograms of the two shortest lattice translations (found from the neighbour vectors
+that carry most points onto points), and the reference is the median cell.
+
 Everything is array arithmetic over all triangles at once: O(N log N) for the triangulation
 and KD-tree, O(N) otherwise. The geometry runs on the host with NumPy in float64 (there is
 no GPU Delaunay; positions are small next to images), and CuPy inputs are copied once.
@@ -32,8 +36,16 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice, check_real
 from .._inputs import resolve_pixel_size
-from ..backend import is_cupy_array, resolve_backend, to_host
+from ..backend import HostCopyMixin, resolve_backend, to_host
+from .gates import (
+    AnalysisError,
+    check_corner_checkerboard,
+    check_hexagonal,
+    check_lattice_parameter,
+    check_square,
+)
 from .strain import bsite_displacement, strain_components
 
 __all__ = ["UnitCells", "unit_cells"]
@@ -42,7 +54,7 @@ _NAN_POLICIES = ("raise", "omit")
 
 
 @dataclass(frozen=True)
-class UnitCells:
+class UnitCells(HostCopyMixin):
     """Result of :func:`unit_cells`; every per-cell array has ``n_cells`` rows. Lengths in px.
 
     Attributes
@@ -135,12 +147,6 @@ class UnitCells:
         return (f"UnitCells({self.n_cells} cells, {int(self.has_bsite.sum())} with B-site, "
                 f"{px})")
 
-    def to_numpy(self) -> UnitCells:
-        """A copy with NumPy arrays (device-to-host copies for a CuPy result)."""
-        kw = {f.name: to_host(getattr(self, f.name), copy=True) for f in fields(self)
-              if f.name not in ("pixel_size_pm", "parameters")}
-        return replace(self, parameters=dict(self.parameters), **kw)
-
     def statistics(self, **kwargs):
         """Shortcut for :func:`stemgpu.cell_statistics` of these cells."""
         from .stats import cell_statistics
@@ -151,18 +157,15 @@ class UnitCells:
 # ----------------------------------------------------------------------------- validation
 
 def _as_positions(positions, nan_policy: str):
-    if is_cupy_array(positions):
-        positions = positions.get()
     try:
-        x = np.asarray(positions, dtype=np.float64)
+        x = np.asarray(to_host(positions), dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(
             f"positions must be an (N, 2) array of (row, col) px; got {type(positions).__name__}"
         ) from None
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"positions must have shape (N, 2) (row, col) px; got {x.shape}")
-    if nan_policy not in _NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {_NAN_POLICIES}; got {nan_policy!r}")
+    check_choice(nan_policy, "nan_policy", _NAN_POLICIES)
     flagged = ~np.all(np.isfinite(x), axis=1)
     if flagged.any() and nan_policy == "raise":
         bad = np.flatnonzero(flagged)
@@ -215,15 +218,35 @@ def _species_mask(species, n: int, a_site, b_site):
     return a_mask, b_mask, a_site, b_site
 
 
-def _reference_from_lattice(lattice, pixel_size):
-    """(kind, value): 'square'/'median', a square side in px, or (2, 2) vectors in px."""
-    if lattice is None:
+#: ``lattice=`` names: the perovskite path (square A-site cells) and the primitive-cell paths.
+_KINDS = ("perovskite", "hexagonal", "generic")
+
+
+def _reference_from_lattice(lattice, pixel_size, lattice_parameter=None):
+    """(kind, value): 'square'/'median', a square side in px, (2, 2) vectors in px, or
+    'hexagonal'/'generic' with the expected |a1| in px (None when not given)."""
+    named = isinstance(lattice, str)
+    if lattice_parameter is not None:
+        if not (lattice is None or (named and lattice in ("square", *_KINDS))):
+            raise ValueError(
+                f"lattice_parameter= goes with lattice=None, 'perovskite', 'hexagonal' or "
+                f"'generic'; got lattice={lattice!r} (a float lattice= is the parameter)")
+        p = check_real(lattice_parameter, "lattice_parameter", greater=0)
+        if pixel_size is None:
+            raise ValueError(f"lattice_parameter={p!r} pm needs pixel_size= (pm per pixel)")
+        if lattice in ("hexagonal", "generic"):
+            return lattice, p / pixel_size
+        lattice, named = p, False
+    if lattice is None or (named and lattice == "perovskite"):
         return "square", None
-    if isinstance(lattice, str):
+    if named:
+        if lattice in ("hexagonal", "generic"):
+            return lattice, None
         if lattice not in ("square", "median"):
             raise ValueError(
-                f"lattice={lattice!r} is not accepted; use None/'square', 'median', a lattice "
-                "parameter in pm (with pixel_size=) or (2, 2) lattice vectors in px"
+                f"lattice={lattice!r} is not accepted; use None/'square'/'perovskite', "
+                "'median', 'hexagonal', 'generic', a lattice parameter in pm (with "
+                "pixel_size=) or (2, 2) lattice vectors in px"
             )
         return lattice, None
     arr = np.asarray(lattice, dtype=np.float64)
@@ -348,6 +371,7 @@ def unit_cells(
     parallelogram_tolerance: float = 0.1,
     bsite_max_distance: float = 0.3,
     nan_policy: str = "raise",
+    lattice_parameter: float | None = None,
     backend=None,
 ) -> UnitCells:
     """Find the unit cells (squares of A-site columns) and their geometry, strain and B-site.
@@ -360,19 +384,36 @@ def unit_cells(
         Species of each column. Without it (and without ``intensities``) every position is
         taken as a corner (A-site) column and no B-site displacement is computed.
     intensities : (N,) array, optional
-        Fitted column intensities; used when ``species`` is not given, split into three
-        classes ``"A"``, ``"B"``, ``"O"`` (brightest first) by
-        :func:`stemgpu.lattice.sublattice.assign_by_intensity`.
+        Fitted column intensities. Without ``species`` they are split into classes
+        ``"A"``, ``"B"``, ``"O"`` (brightest first; ``"A"``, ``"B"`` on the primitive-cell
+        paths) by :func:`stemgpu.lattice.sublattice.assign_by_intensity`. With ``species``
+        they feed the one-species-at-the-corners gate of the perovskite path
+        (:func:`~stemgpu.lattice.gates.check_corner_checkerboard`).
     a_site, b_site : label, optional
         The corner and the centre species among ``species`` (default ``"A"`` and ``"B"``
         when those labels exist), e.g. ``a_site="Sr", b_site="TiO"``.
-    lattice : None, "square", "median", float or (2, 2) array
-        The reference cell of the strain analysis. ``None``/``"square"``: a square whose side
-        is the median equivalent-square side ``sqrt(area)`` of the cells, oriented along their
-        median ``a1``; ``"median"``: the median cell (median of ``a1`` and of ``a2``); a float:
-        a square of that lattice parameter in pm (needs ``pixel_size``), oriented along the
+    lattice : None, "perovskite", "square", "median", "hexagonal", "generic", float or (2, 2)
+        The lattice and the reference cell of the strain analysis.
+
+        *Perovskite path* (square A-site cells from Delaunay pairs):
+        ``None``/``"perovskite"``/``"square"``: a square reference whose side is the median
+        equivalent-square side ``sqrt(area)`` of the cells, oriented along their median
+        ``a1``; ``"median"``: the median cell (median of ``a1`` and of ``a2``); a float: a
+        square of that lattice parameter in pm (needs ``pixel_size``), oriented along the
         median ``a1``; a (2, 2) array: lattice vectors (rows ``r1, r2``) in px, which also
         fix the direction of ``a1`` and the side lengths used to reject non-cells.
+
+        *Primitive-cell paths*: ``"hexagonal"`` (graphene, MoS2, WSe2: the corner species'
+        lattice, 120 deg cells) and ``"generic"`` (any 2-D lattice): cells are the
+        parallelograms ``[p, p+a1, p+a1+a2, p+a2]`` of the two shortest lattice translations
+        (for a honeycomb of one species, on one of its two sublattices), and the reference is
+        the median cell. No B-site columns.
+
+        Gates (:mod:`stemgpu.lattice.gates`): on the perovskite path without lattice
+        vectors the median cell must be near-square; with ``"hexagonal"`` a 120 deg
+        rhombus; a given lattice parameter or vectors must match the data's cells within
+        ``side_tolerance``. A crossed gate raises :class:`~stemgpu.lattice.gates.AnalysisError`;
+        the records are in ``parameters["gates"]``.
     pixel_size : float, optional
         pm per pixel; stored for calibrated statistics and needed for a lattice parameter.
     angle_tolerance_deg : float
@@ -390,6 +431,10 @@ def unit_cells(
     nan_policy : {"raise", "omit"}
         Non-finite positions (failed fits) raise, or are skipped and flagged in
         ``UnitCells.flagged``.
+    lattice_parameter : float, optional
+        The expected lattice parameter in pm (needs ``pixel_size``): with ``"hexagonal"`` or
+        ``"generic"`` it is checked against the median ``|a1|`` (and ``|a2|`` for
+        hexagonal); with the perovskite path it is the same as ``lattice=<parameter>``.
     backend : {"numpy", "cupy", "auto"}, optional
         Backend of the result's arrays (default: CuPy for CuPy ``positions``). The geometry
         itself always runs on the host (there is no GPU Delaunay triangulation): CuPy
@@ -405,6 +450,9 @@ def unit_cells(
         Fewer than 4 finite A-site positions, collinear positions, non-finite positions (with
         ``nan_policy="raise"``), unknown species labels, a lattice parameter without
         ``pixel_size``, or bad tolerances.
+    AnalysisError
+        A gate refused the lattice (a ``ValueError``; see ``lattice``), or no lattice
+        translations were found on a primitive-cell path.
     TypeError
         ``positions`` not array-like.
 
@@ -431,35 +479,113 @@ def unit_cells(
     >>> cells = stemgpu.unit_cells(pos, pixel_size=14.6)
     >>> cells.n_cells, round(float(np.median(cells.smallest_side)) * 14.6, 1)
     (20, 390.6)
+
+    A hexagonal lattice (a = 316 pm, e.g. the Mo columns of MoS2): primitive 120 deg cells.
+
+    >>> v = np.array([[1.0, 0.0], [-0.5, np.sqrt(3) / 2]]) * 316.0 / 14.6
+    >>> i, j = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    >>> hexa = np.stack([i.ravel(), j.ravel()], 1) @ v
+    >>> cells = stemgpu.unit_cells(hexa, lattice="hexagonal", pixel_size=14.6)
+    >>> cells.n_cells, round(float(np.median(cells.angle_deviation_deg)) + 90, 1)
+    (49, 120.0)
     """
     be = resolve_backend(backend, positions)
     x, flagged = _as_positions(positions, nan_policy)
-    for name, val in (("angle_tolerance_deg", angle_tolerance_deg),
-                      ("side_tolerance", side_tolerance),
-                      ("parallelogram_tolerance", parallelogram_tolerance),
-                      ("bsite_max_distance", bsite_max_distance)):
-        if not np.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a positive number; got {val!r}")
+    tolerances = _check_tolerances(angle_tolerance_deg, side_tolerance,
+                                   parallelogram_tolerance, bsite_max_distance)
     px = resolve_pixel_size(pixel_size, None)
-    kind, ref_value = _reference_from_lattice(lattice, px)
+    kind, ref_value = _reference_from_lattice(lattice, px, lattice_parameter)
+    primitive = kind in ("hexagonal", "generic")
     n = len(x)
-    if species is None and intensities is not None:
-        from .sublattice import assign_by_intensity
-
-        inten = np.asarray(intensities, dtype=np.float64)
-        if inten.shape != (n,):
-            raise ValueError(
-                f"intensities must hold one value per position ({n}); got shape {inten.shape}"
-            )
-        species = np.full(n, "", dtype=object)
-        species[~flagged] = assign_by_intensity(inten[~flagged])
-        species = species.astype(str)
+    species = _species_from_intensities(species, intensities, flagged, n,
+                                        n_classes=2 if primitive else 3)
     a_mask, b_mask, a_name, b_name = _species_mask(species, n, a_site, b_site)
+    if primitive:  # B-site columns belong to the perovskite path
+        b_mask, b_name = _no_bsite(b_site, kind), None
     a_idx = np.flatnonzero(a_mask & ~flagged)
     pts = x[a_idx]
     _check_enough(pts, "A-site positions" if species is not None else "positions")
 
-    quads, counts = _pair_triangles(pts)
+    if primitive:
+        quads, hand, counts = _primitive_cells(pts, kind, tolerances)
+    else:
+        quads, counts = _candidate_quads(pts)
+        quads, hand, rejected = _reject_non_cells(quads, pts, kind, ref_value, tolerances)
+        counts.update(rejected)
+    geometry = _cell_geometry(pts[quads])
+    corner_values = _corner_intensities(intensities, species, a_idx[quads], n)
+    gates = _gates(kind, ref_value, geometry, counts.pop("candidate_sides", None), tolerances,
+                   px, corner_values)
+    reference = _reference_cell(geometry, kind, ref_value, hand)
+    comps = _strain(geometry["vectors"], reference)
+    bsite_index, disp = _assign_bsites(geometry["centres"], x, b_mask, flagged, reference,
+                                       bsite_max_distance)
+    params = {
+        "a_site": a_name, "b_site": b_name,
+        "lattice": lattice if lattice is None or isinstance(lattice, str | float | int)
+        else np.asarray(lattice).tolist(),
+        "reference_kind": kind,
+        **tolerances,
+        "nan_policy": nan_policy,
+        "n_positions": int(n),
+        "n_flagged": int(flagged.sum()),
+        **counts,
+        "gates": gates,
+    }
+    if lattice_parameter is not None:
+        params["lattice_parameter"] = float(lattice_parameter)
+    result = _result(a_idx[quads], geometry, reference, comps, bsite_index, disp, flagged, px,
+                     params)
+    if be.is_gpu:  # one transfer out for the whole result
+        result = replace(result, **{f.name: be.asarray(getattr(result, f.name))
+                                    for f in fields(result)
+                                    if f.name not in ("pixel_size_pm", "parameters")})
+    return result
+
+
+# ----------------------------------------------------------------------------- passes
+
+def _check_tolerances(angle_tolerance_deg, side_tolerance, parallelogram_tolerance,
+                      bsite_max_distance) -> dict:
+    """The four tolerances as floats (each a finite number > 0), keyed by argument name."""
+    return {"angle_tolerance_deg": check_real(angle_tolerance_deg, "angle_tolerance_deg",
+                                              greater=0),
+            "side_tolerance": check_real(side_tolerance, "side_tolerance", greater=0),
+            "parallelogram_tolerance": check_real(parallelogram_tolerance,
+                                                  "parallelogram_tolerance", greater=0),
+            "bsite_max_distance": check_real(bsite_max_distance, "bsite_max_distance",
+                                             greater=0)}
+
+
+def _species_from_intensities(species, intensities, flagged, n: int, n_classes: int = 3):
+    """``species`` as given, or labels by intensity class (A, B, O / A, B) when only
+    intensities are."""
+    if species is not None or intensities is None:
+        return species
+    from .sublattice import assign_by_intensity
+
+    inten = np.asarray(intensities, dtype=np.float64)
+    if inten.shape != (n,):
+        raise ValueError(
+            f"intensities must hold one value per position ({n}); got shape {inten.shape}"
+        )
+    labels = np.full(n, "", dtype=object)
+    labels[~flagged] = assign_by_intensity(inten[~flagged], n_classes=n_classes)
+    return labels.astype(str)
+
+
+def _candidate_quads(points: np.ndarray):
+    """Candidate cells: quadrilaterals of Delaunay triangles sharing their longest edge."""
+    return _pair_triangles(points)
+
+
+def _reject_non_cells(quads, pts, kind: str, ref_value, tol: dict):
+    """Drop candidates that are not near-square cells of the reference lattice.
+
+    Returns the kept quads (rolled so that side 0 runs along ``a1``), the handedness of the
+    corner order and the rejection counts (with the candidates' median sides along ``a1``
+    and ``a2``, px, for the lattice-parameter gate).
+    """
     if kind == "vectors":
         d1 = ref_value[0] / np.linalg.norm(ref_value[0])
         hand = np.sign(_cross(ref_value[0], ref_value[1]))
@@ -468,98 +594,249 @@ def unit_cells(
     quads = _orient(quads, pts, hand)
     angles = _interior_angles(pts[quads])
     convex = np.sign(_cross(_edges(pts[quads]), np.roll(_edges(pts[quads]), -1, axis=1)))
-    square = np.all(np.abs(angles - 90.0) <= angle_tolerance_deg, axis=1) & np.all(
+    square = np.all(np.abs(angles - 90.0) <= tol["angle_tolerance_deg"], axis=1) & np.all(
         convex == hand, axis=1)
-    quads, angles = quads[square], angles[square]
+    quads = quads[square]
     if d1 is None and len(quads):
         d1 = _dominant_direction(quads, pts)
-    rejected_angle = int((~square).sum())
     rejected_side = 0
+    candidate_sides = np.full(2, np.nan)
     if len(quads):
         quads = _roll_to_direction(quads, pts, d1)
         sides = np.linalg.norm(_edges(pts[quads]), axis=2)
-        if kind == "vectors":
-            ref_sides = np.linalg.norm(ref_value, axis=1)
-        elif kind == "side":
-            ref_sides = np.array([ref_value, ref_value])
-        else:
-            # Median of candidate sides: most candidates are real cells.
-            ref_sides = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
-        dev = np.abs(sides / ref_sides[[0, 1, 0, 1]][None, :] - 1.0)
-        e = _edges(pts[quads])
-        skew = np.stack([np.linalg.norm(e[:, 0] + e[:, 2], axis=1) / ref_sides[0],
-                         np.linalg.norm(e[:, 1] + e[:, 3], axis=1) / ref_sides[1]], axis=1)
-        good = np.all(dev <= side_tolerance, axis=1) & np.all(
-            skew <= parallelogram_tolerance, axis=1)
+        candidate_sides = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
+        good = _shape_ok(quads, pts, kind, ref_value, tol)
         rejected_side = int((~good).sum())
         quads = quads[good]
-    counts.update(rejected_not_square=rejected_angle, rejected_shape=rejected_side,
-                  cells=int(len(quads)))
+    return quads, hand, {"rejected_not_square": int((~square).sum()),
+                         "rejected_shape": rejected_side, "cells": int(len(quads)),
+                         "candidate_sides": candidate_sides}
 
-    corners = pts[quads]  # (n, 4, 2)
+
+def _shape_ok(quads, pts, kind: str, ref_value, tol: dict) -> np.ndarray:
+    """Sides near the reference sides and opposite sides near-parallel (vacancies, grains)."""
+    sides = np.linalg.norm(_edges(pts[quads]), axis=2)
+    if kind == "vectors":
+        ref_sides = np.linalg.norm(ref_value, axis=1)
+    elif kind == "side":
+        ref_sides = np.array([ref_value, ref_value])
+    else:
+        # Median of candidate sides: most candidates are real cells.
+        ref_sides = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
+    dev = np.abs(sides / ref_sides[[0, 1, 0, 1]][None, :] - 1.0)
+    e = _edges(pts[quads])
+    skew = np.stack([np.linalg.norm(e[:, 0] + e[:, 2], axis=1) / ref_sides[0],
+                     np.linalg.norm(e[:, 1] + e[:, 3], axis=1) / ref_sides[1]], axis=1)
+    return np.all(dev <= tol["side_tolerance"], axis=1) & np.all(
+        skew <= tol["parallelogram_tolerance"], axis=1)
+
+
+def _cell_geometry(corners: np.ndarray) -> dict:
+    """Per-cell corners, sides, angles, vectors, centres and area of (n, 4, 2) corners."""
+    e = _edges(corners)
+    return {"corners": corners, "sides": np.linalg.norm(e, axis=2),
+            "angles": _interior_angles(corners), "vectors": _cell_vectors(corners),
+            "centres": corners.mean(axis=1),
+            "area": 0.5 * np.abs(_cross(corners, np.roll(corners, -1, axis=1)).sum(axis=1))}
+
+
+def _reference_cell(geometry: dict, kind: str, ref_value, hand: float) -> np.ndarray:
+    """The (2, 2) reference cell (rows r1, r2) of the strain analysis, px."""
+    vectors, area = geometry["vectors"], geometry["area"]
+    if kind == "vectors":
+        return ref_value
+    if len(vectors) == 0:
+        return np.full((2, 2), np.nan)
+    if kind in ("median", "hexagonal", "generic"):
+        return np.median(vectors, axis=0)
+    side = np.median(np.sqrt(area)) if kind == "square" else ref_value
+    phi = np.median(np.arctan2(vectors[:, 0, 1], vectors[:, 0, 0]))
+    u = np.array([np.cos(phi), np.sin(phi)])
+    return side * np.stack([u, hand * np.array([-u[1], u[0]])])
+
+
+def _strain(vectors: np.ndarray, reference: np.ndarray) -> dict:
+    """:func:`~stemgpu.lattice.strain.strain_components`, with empty arrays for no cells."""
+    if len(vectors):
+        return strain_components(vectors, reference)
+    z = np.zeros((0, 2, 2))
+    return {"F": z, "strain": z, "strain_lattice": z, "rotation_deg": np.zeros(0),
+            "tetragonal": np.zeros(0), "shear": np.zeros(0)}
+
+
+def _assign_bsites(centres, x, b_mask, flagged, reference, bsite_max_distance: float):
+    """Row of ``x`` of the B-site column of each cell (-1: none) and its displacement."""
+    if b_mask is None:
+        return (np.full(len(centres), -1, dtype=np.int64),
+                np.full((len(centres), 2), np.nan))
+    b_idx = np.flatnonzero(b_mask & ~flagged)
+    ref_side = float(np.min(np.linalg.norm(reference, axis=1))) if len(centres) else 1.0
+    local, disp = bsite_displacement(centres, x[b_idx],
+                                     max_distance=bsite_max_distance * ref_side)
+    return np.where(local >= 0, b_idx[np.maximum(local, 0)], -1), disp
+
+
+def _no_bsite(b_site, kind: str):
+    if b_site is not None:
+        raise ValueError(f"b_site= is for the perovskite path (a B-site column at the centre of "
+                         f"each A-site cell); lattice={kind!r} finds primitive cells only")
+    return None
+
+
+def _corner_intensities(intensities, species, corner_index, n: int):
+    """(n_cells, 4) intensities of the corners when both intensities and species are given."""
+    if intensities is None or species is None:
+        return None
+    inten = np.asarray(intensities, dtype=np.float64)
+    if inten.shape != (n,):
+        raise ValueError(
+            f"intensities must hold one value per position ({n}); got shape {inten.shape}")
+    return inten[corner_index]
+
+
+def _gates(kind: str, ref_value, geometry: dict, candidate_sides, tol: dict, px,
+           corner_values=None) -> dict:
+    """Run the lattice gates (:mod:`stemgpu.lattice.gates`); the records of those passed."""
+    vectors = geometry["vectors"]
+    out: dict = {}
+    if kind in ("square", "median", "side"):
+        out.update(check_square(vectors, pixel_size=px))
+    if corner_values is not None and kind not in ("hexagonal", "generic"):
+        out.update(check_corner_checkerboard(corner_values))
+    if kind == "hexagonal":
+        out.update(check_hexagonal(vectors, pixel_size=px))
+    expected = None
+    if kind == "side":
+        expected = np.array([ref_value, ref_value])
+    elif kind == "vectors":
+        expected = np.linalg.norm(ref_value, axis=1)
+    elif kind in ("hexagonal", "generic") and ref_value is not None and len(vectors):
+        lengths = np.median(np.linalg.norm(vectors, axis=2), axis=0)
+        candidate_sides = lengths if kind == "hexagonal" else lengths[:1]
+        expected = np.full(len(candidate_sides), ref_value)
+    if expected is not None and candidate_sides is not None:
+        out.update(check_lattice_parameter(candidate_sides, expected,
+                                           tolerance=tol["side_tolerance"], pixel_size=px))
+    return out
+
+
+def _primitive_cells(pts: np.ndarray, kind: str, tol: dict):
+    """Cells ``[p, p+a1, p+a1+a2, p+a2]`` of the two shortest lattice vectors (hexagonal /
+    generic path): quads (n, 4) of point indices, handedness, counts."""
+    a = _shortest_translations(pts, kind, tol)
+    quads = _translation_quads(pts, a)
+    counts = {"candidates": int(len(quads)), "lattice_vectors_px": a.tolist()}
+    if len(quads):
+        quads = quads[_primitive_ok(pts[quads], tol)]
+    counts.update(rejected_shape=counts["candidates"] - int(len(quads)), cells=int(len(quads)))
+    return quads, 1.0, counts
+
+
+def _shortest_translations(pts: np.ndarray, kind: str, tol: dict) -> np.ndarray:
+    """The two shortest lattice translations (rows a1, a2; a2 turns towards the col axis).
+
+    A vector is a translation when it carries most points onto points (>= 60 %: a bond of a
+    honeycomb carries only one sublattice, <= 50 %). Candidates are the differences to the
+    12 nearest neighbours of the 8 points nearest the centroid, each refined as the median
+    matched difference over up to 2000 points.
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(pts)
+    _, seeds = tree.query(pts.mean(axis=0), k=min(8, len(pts)))
+    d, nn = tree.query(pts[np.atleast_1d(seeds)], k=min(13, len(pts)))
+    cand = (pts[nn[:, 1:]] - pts[np.atleast_1d(seeds)][:, None, :]).reshape(-1, 2)
+    sample = pts[:: max(1, len(pts) // 2000)]
+    dist, idx = tree.query((sample[None] + cand[:, None]).reshape(-1, 2),
+                           distance_upper_bound=0.25 * float(np.median(d[:, 1])))
+    hit = np.isfinite(dist).reshape(len(cand), len(sample))
+    diff = pts[np.minimum(idx, len(pts) - 1)].reshape(len(cand), len(sample), 2) - sample[None]
+    with np.errstate(invalid="ignore"):
+        refined = np.nanmedian(np.where(hit[..., None], diff, np.nan), axis=1)
+    v = refined[hit.mean(axis=1) >= 0.6]
+    if len(v) < 2:
+        raise AnalysisError(f"no two lattice translations found among {len(pts)} positions: "
+                            f"the points do not form a lattice ({kind!r} path)")
+    length = np.linalg.norm(v, axis=1)
+    short = length <= length.min() * (1.0 + tol["side_tolerance"])
+    a1 = v[short][np.argmax(v[short, 0] / length[short])]  # closest to the +row axis
+    sin = _cross(a1, v) / (np.linalg.norm(a1) * length)
+    side = sin > 0.5  # 30 to 150 deg from a1, on the col-axis side
+    if not side.any():
+        raise AnalysisError(f"no second lattice translation found among {len(pts)} positions "
+                            f"(only vectors along {np.round(a1, 2).tolist()} px)")
+    v2, l2 = v[side], length[side]
+    if kind == "hexagonal":
+        a2 = v2[np.argmin(np.abs(_angle_between(a1, v2) - 120.0))]
+    else:  # shortest; of near-equal ones the most obtuse
+        near = l2 <= l2.min() * 1.03
+        a2 = v2[near][np.argmax(_angle_between(a1, v2[near]))]
+    return np.stack([a1, a2])
+
+
+def _translation_quads(pts: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Quads ``[p, p+a1, p+a1+a2, p+a2]`` whose corners are all found (within a quarter of the
+    shorter vector, stepping from corner to corner so that smooth strain is followed), on
+    the largest sublattice connected by these steps (one of the two of a honeycomb)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(pts)
+    radius = 0.25 * float(np.min(np.linalg.norm(a, axis=1)))
+    n = len(pts)
+
+    def step(src, v):
+        dist, j = tree.query(pts[np.maximum(src, 0)] + v, distance_upper_bound=radius)
+        return np.where(np.isfinite(dist) & (src >= 0), j, -1)
+
+    i0 = np.arange(n)
+    i1, i3 = step(i0, a[0]), step(i0, a[1])
+    i2 = step(i1, a[1])
+    quads = np.stack([i0, i1, i2, i3], axis=1)
+    quads = quads[np.all(quads >= 0, axis=1) & (step(i3, a[0]) == i2)]
+    if len(quads) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    edges = np.concatenate([quads[:, [0, 1]], quads[:, [0, 3]]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    main = np.argmax(np.bincount(comp[quads[:, 0]]))
+    return quads[comp[quads[:, 0]] == main]
+
+
+def _primitive_ok(corners: np.ndarray, tol: dict) -> np.ndarray:
+    """Cells like the median cell: sides within ``side_tolerance`` of its sides, corner angles
+    within ``angle_tolerance_deg`` of its angles, opposite sides parallel."""
     e = _edges(corners)
     sides = np.linalg.norm(e, axis=2)
+    ref = np.array([np.median(sides[:, [0, 2]]), np.median(sides[:, [1, 3]])])
     angles = _interior_angles(corners)
-    vectors = _cell_vectors(corners)
-    centres = corners.mean(axis=1)
-    area = 0.5 * np.abs(_cross(corners, np.roll(corners, -1, axis=1)).sum(axis=1))
+    gamma = np.median(angles[:, [0, 2]])
+    ref_angles = np.array([gamma, 180.0 - gamma, gamma, 180.0 - gamma])
+    skew = np.stack([np.linalg.norm(e[:, 0] + e[:, 2], axis=1) / ref[0],
+                     np.linalg.norm(e[:, 1] + e[:, 3], axis=1) / ref[1]], axis=1)
+    return (np.all(np.abs(sides / ref[[0, 1, 0, 1]] - 1.0) <= tol["side_tolerance"], axis=1)
+            & np.all(np.abs(angles - ref_angles) <= tol["angle_tolerance_deg"], axis=1)
+            & np.all(skew <= tol["parallelogram_tolerance"], axis=1))
 
-    if kind == "vectors":
-        reference = ref_value
-    elif len(quads) == 0:
-        reference = np.full((2, 2), np.nan)
-    else:
-        if kind == "median":
-            reference = np.median(vectors, axis=0)
-        else:
-            side = np.median(np.sqrt(area)) if kind == "square" else ref_value
-            phi = np.median(np.arctan2(vectors[:, 0, 1], vectors[:, 0, 0]))
-            u = np.array([np.cos(phi), np.sin(phi)])
-            reference = side * np.stack([u, hand * np.array([-u[1], u[0]])])
-    if len(quads):
-        comps = strain_components(vectors, reference)
-    else:
-        z = np.zeros((0, 2, 2))
-        comps = {"F": z, "strain": z, "strain_lattice": z, "rotation_deg": np.zeros(0),
-                 "tetragonal": np.zeros(0), "shear": np.zeros(0)}
 
-    if b_mask is not None:
-        b_idx = np.flatnonzero(b_mask & ~flagged)
-        ref_side = float(np.min(np.linalg.norm(reference, axis=1))) if len(quads) else 1.0
-        local, disp = bsite_displacement(centres, x[b_idx],
-                                         max_distance=bsite_max_distance * ref_side)
-        bsite_index = np.where(local >= 0, b_idx[np.maximum(local, 0)], -1)
-    else:
-        bsite_index = np.full(len(quads), -1, dtype=np.int64)
-        disp = np.full((len(quads), 2), np.nan)
-
-    params = {
-        "a_site": a_name, "b_site": b_name,
-        "lattice": lattice if lattice is None or isinstance(lattice, str | float | int)
-        else np.asarray(lattice).tolist(),
-        "reference_kind": kind,
-        "angle_tolerance_deg": float(angle_tolerance_deg),
-        "side_tolerance": float(side_tolerance),
-        "parallelogram_tolerance": float(parallelogram_tolerance),
-        "bsite_max_distance": float(bsite_max_distance),
-        "nan_policy": nan_policy,
-        "n_positions": int(n),
-        "n_flagged": int(flagged.sum()),
-        **counts,
-    }
-    result = UnitCells(
-        corner_index=a_idx[quads].reshape(-1, 4).astype(np.int64),
-        corners=corners.reshape(-1, 4, 2),
-        centres=centres.reshape(-1, 2),
+def _result(corner_index, g: dict, reference, comps: dict, bsite_index, disp, flagged, px,
+            params: dict) -> UnitCells:
+    """Assemble the :class:`UnitCells` of the kept cells (host NumPy arrays)."""
+    angles, sides, vectors = g["angles"], g["sides"], g["vectors"]
+    some = len(corner_index) > 0
+    return UnitCells(
+        corner_index=corner_index.reshape(-1, 4).astype(np.int64),
+        corners=g["corners"].reshape(-1, 4, 2),
+        centres=g["centres"].reshape(-1, 2),
         vectors=vectors.reshape(-1, 2, 2),
         sides=sides.reshape(-1, 4),
-        smallest_side=sides.min(axis=1) if len(quads) else np.zeros(0),
-        longest_side=sides.max(axis=1) if len(quads) else np.zeros(0),
+        smallest_side=sides.min(axis=1) if some else np.zeros(0),
+        longest_side=sides.max(axis=1) if some else np.zeros(0),
         angles_deg=angles.reshape(-1, 4),
         angle_deviation_deg=_angle_between(vectors[:, 0], vectors[:, 1]) - 90.0,
-        abs_angle_deviation_deg=np.abs(angles - 90.0).mean(axis=1) if len(quads)
-        else np.zeros(0),
-        area=area,
+        abs_angle_deviation_deg=np.abs(angles - 90.0).mean(axis=1) if some else np.zeros(0),
+        area=g["area"],
         reference=np.asarray(reference, dtype=np.float64),
         deformation_gradient=comps["F"],
         strain=comps["strain"],
@@ -573,8 +850,3 @@ def unit_cells(
         pixel_size_pm=px,
         parameters=params,
     )
-    if be.is_gpu:  # one transfer out for the whole result
-        result = replace(result, **{f.name: be.asarray(getattr(result, f.name))
-                                    for f in fields(result)
-                                    if f.name not in ("pixel_size_pm", "parameters")})
-    return result

@@ -19,20 +19,21 @@ of the right size while leaving the orientation as recorded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice
 from .._inputs import as_image, resolve_pixel_size
-from ..backend import resolve_backend, to_host
+from ..backend import HostCopyMixin, resolve_backend, to_host
 from .cells import UnitCells, unit_cells
 
 __all__ = ["DistortionEstimate", "correct_distortion", "estimate_distortion"]
 
 
 @dataclass(frozen=True)
-class DistortionEstimate:
+class DistortionEstimate(HostCopyMixin):
     """Result of :func:`estimate_distortion`.
 
     Attributes
@@ -65,11 +66,6 @@ class DistortionEstimate:
     def inverse(self) -> np.ndarray:
         """``A^-1``: maps true positions to recorded pixels."""
         return np.linalg.inv(self.matrix)
-
-    def to_numpy(self) -> DistortionEstimate:
-        """A copy with NumPy arrays."""
-        return replace(self, matrix=np.array(self.matrix), uncertainty=np.array(self.uncertainty),
-                       reference=np.array(self.reference), parameters=dict(self.parameters))
 
     def __str__(self) -> str:
         a, u = self.matrix, self.uncertainty
@@ -266,8 +262,7 @@ def correct_distortion(data, matrix, *, center=None, kind: str = "auto", order: 
     a = np.asarray(to_host(a), dtype=np.float64)
     if a.shape != (2, 2) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a)) < 1e-9:
         raise ValueError(f"matrix must be a finite, non-singular 2 x 2 array; got {matrix!r}")
-    if kind not in ("auto", "positions", "image"):
-        raise ValueError(f"kind must be 'auto', 'positions' or 'image'; got {kind!r}")
+    check_choice(kind, "kind", ("auto", "positions", "image"))
     shape = getattr(data, "shape", None)
     is_pos = kind == "positions" or (
         kind == "auto" and shape is not None and len(shape) == 2 and shape[1] == 2)

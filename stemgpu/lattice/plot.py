@@ -12,26 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
+from .stats import CELL_QUANTITIES, calibrate
 
 __all__ = ["QUANTITIES", "cell_map", "cell_values", "plot_bsite_displacement",
            "plot_cell_histograms", "plot_cell_map"]
 
-#: Per-cell quantities by name (label, unit kind: "px", "px2" or "" for dimensionless/deg).
-QUANTITIES = {
-    "tetragonal": ("tetragonal distortion", ""),
-    "shear": ("shear distortion", ""),
-    "rotation_deg": ("rotation (deg)", ""),
-    "angle_deviation_deg": ("angle(a1, a2) - 90 (deg)", ""),
-    "abs_angle_deviation_deg": ("mean |corner angle - 90| (deg)", ""),
-    "strain_11": ("strain along r1", ""),
-    "strain_22": ("strain along r2", ""),
-    "strain_12": ("shear strain (lattice frame)", ""),
-    "smallest_side": ("smallest side", "px"),
-    "longest_side": ("longest side", "px"),
-    "area": ("area", "px2"),
-    "bsite_distance": ("B-site distance from centre", "px"),
-}
-
+#: Per-cell quantities by name: (label, unit kind "px", "px2", "deg" or "" for
+#: dimensionless), derived from :data:`stemgpu.lattice.stats.CELL_QUANTITIES`.
+QUANTITIES = {q.name: (q.label, q.unit) for q in CELL_QUANTITIES}
+_BY_NAME = {q.name: q for q in CELL_QUANTITIES}
 
 
 def cell_values(cells, quantity: str, *, pixel_size: float | None = None):
@@ -50,20 +39,14 @@ def cell_values(cells, quantity: str, *, pixel_size: float | None = None):
     """
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity={quantity!r} is not known; accepted: {sorted(QUANTITIES)}")
-    label, unit = QUANTITIES[quantity]
-    c = cells.to_numpy()
-    if quantity.startswith("strain_"):
-        i, j = int(quantity[-2]) - 1, int(quantity[-1]) - 1
-        v = c.strain_lattice[:, i, j]
-    elif quantity == "bsite_distance":
-        v = np.linalg.norm(c.bsite_displacement, axis=1)
-    else:
-        v = np.asarray(getattr(c, quantity), dtype=np.float64)
-    if unit and pixel_size is not None:
-        v = v * (pixel_size if unit == "px" else (pixel_size / 1000.0) ** 2)
-        label += " (pm)" if unit == "px" else " (nm^2)"
-    elif unit:
-        label += " (px)" if unit == "px" else " (px^2)"
+    q = _BY_NAME[quantity]
+    v = np.asarray(q.values(cells.to_numpy()), dtype=np.float64)
+    label = q.label
+    if q.unit in ("px", "px2") and pixel_size is not None:
+        v = calibrate(v, q.unit, pixel_size)
+        label += " (pm)" if q.unit == "px" else " (nm^2)"
+    elif q.unit in ("px", "px2"):
+        label += " (px)" if q.unit == "px" else " (px^2)"
     return v, label
 
 
@@ -173,7 +156,7 @@ def plot_bsite_displacement(cells, *, image=None, ax=None, scale: float = 10.0,
     Parameters
     ----------
     cells : UnitCells
-        With B sites assigned (``unit_cells(..., b_sites=...)``).
+        With B sites assigned (``unit_cells(..., b_site=...)``).
     image : (H, W) array, optional
     ax : matplotlib Axes, optional
     scale : float

@@ -1,4 +1,4 @@
-"""The lecture's unit-cell table in one call: medians, standard deviations and their error bars.
+"""The unit-cell table in one call: medians, standard deviations and their error bars.
 
 Every row is the median over cells, the standard deviation over cells (the cell-to-cell
 scatter: noise plus real variation) and the *uncertainty of the median* (how well the median
@@ -18,17 +18,101 @@ all three estimates conservative (the shared corners' errors partly cancel in th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import check_choice
 from .._inputs import resolve_pixel_size
+from ..backend import HostCopyMixin
 
-__all__ = ["CellStatistics", "Stat", "cell_statistics", "median_uncertainty"]
+__all__ = ["CELL_QUANTITIES", "CellStatistics", "Quantity", "Stat", "calibrate",
+           "cell_statistics", "median_uncertainty"]
 
 _METHODS = ("auto", "bootstrap", "order", "gaussian")
 _BOOTSTRAP_MAX_N = 20_000
+#: Attributes a cells object must have (duck-typed: this module does not import cells).
+_CELL_ATTRIBUTES = ("n_cells", "pixel_size_pm", "vectors", "area", "strain_lattice",
+                    "bsite_index", "bsite_displacement", "to_numpy")
+
+
+class Quantity(NamedTuple):
+    """One per-cell quantity: how to read it from cells, its unit and its labels.
+
+    ``unit`` is ``"px"`` (a length: pm with a pixel size), ``"px2"`` (an area: nm^2),
+    ``"deg"`` or ``""`` (dimensionless). ``row`` is its row in :func:`cell_statistics`
+    (``None``: a per-cell map quantity only); ``label`` is the plot label, ``row_label`` the
+    table's.
+    """
+
+    name: str
+    unit: str
+    label: str
+    row: str | None
+    row_label: str
+    values: Callable[[Any], np.ndarray]
+
+
+def _length(i: int):
+    return lambda c: np.linalg.norm(c.vectors, axis=2)[:, i]
+
+
+#: Every per-cell quantity, in the order of the statistics table: the one source of
+#: :func:`cell_statistics`'s rows and of :data:`stemgpu.lattice.plot.QUANTITIES`.
+CELL_QUANTITIES = (
+    Quantity("smallest_side", "px", "smallest side", "smallest_side_pm", "smallest side",
+             lambda c: c.smallest_side),
+    Quantity("longest_side", "px", "longest side", "longest_side_pm", "longest side",
+             lambda c: c.longest_side),
+    Quantity("a1_length", "px", "|a1|", "a1_length_pm", "|a1|", _length(0)),
+    Quantity("a2_length", "px", "|a2|", "a2_length_pm", "|a2|", _length(1)),
+    Quantity("angle_deviation_deg", "deg", "angle(a1, a2) - 90 (deg)", "angle_deviation_deg",
+             "angle(a1, a2) - 90", lambda c: c.angle_deviation_deg),
+    Quantity("abs_angle_deviation_deg", "deg", "mean |corner angle - 90| (deg)",
+             "abs_angle_deviation_deg", "mean |corner angle - 90|",
+             lambda c: c.abs_angle_deviation_deg),
+    Quantity("area", "px2", "area", "area_nm2", "area", lambda c: c.area),
+    Quantity("equivalent_side", "px", "equivalent square side", "equivalent_side_pm",
+             "sqrt(area)", lambda c: np.sqrt(c.area)),
+    Quantity("tetragonal", "", "tetragonal distortion", "tetragonal",
+             "tetragonal distortion eps11 - eps22", lambda c: c.tetragonal),
+    Quantity("shear", "", "shear distortion", "shear", "shear distortion eps12",
+             lambda c: c.shear),
+    Quantity("strain_11", "", "strain along r1", "strain_11", "strain along r1",
+             lambda c: c.strain_lattice[:, 0, 0]),
+    Quantity("strain_22", "", "strain along r2", "strain_22", "strain along r2",
+             lambda c: c.strain_lattice[:, 1, 1]),
+    Quantity("rotation_deg", "deg", "rotation (deg)", "rotation_deg",
+             "rotation against reference", lambda c: c.rotation_deg),
+    Quantity("strain_12", "", "shear strain (lattice frame)", None, "",
+             lambda c: c.strain_lattice[:, 0, 1]),
+    Quantity("bsite_distance", "px", "B-site distance from centre", None, "",
+             lambda c: np.linalg.norm(c.bsite_displacement, axis=1)),
+)
+
+#: Unit of a statistics row by the quantity's unit kind.
+_ROW_UNITS = {"px": "pm", "px2": "nm^2", "deg": "deg", "": ""}
+
+
+def calibrate(values: np.ndarray, unit: str, pixel_size: float) -> np.ndarray:
+    """Per-cell values in px / px^2 as pm / nm^2 (other units unchanged).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemgpu.lattice.stats import calibrate
+    >>> calibrate(np.array([2.0]), "px", 10.0).tolist()
+    [20.0]
+    >>> float(calibrate(np.array([2.0]), "px2", 10.0)[0])  # nm^2
+    0.0002
+    """
+    if unit == "px":
+        return values * pixel_size
+    if unit == "px2":
+        return values * (pixel_size / 1000.0) ** 2
+    return values
 
 
 @dataclass(frozen=True)
@@ -49,7 +133,7 @@ class Stat:
 
 
 @dataclass(frozen=True)
-class CellStatistics:
+class CellStatistics(HostCopyMixin):
     """Result of :func:`cell_statistics`: ``rows`` maps a name (unit in it) to a :class:`Stat`.
 
     Rows (B-site rows only when cells have B-site columns):
@@ -86,11 +170,6 @@ class CellStatistics:
         out["pixel_size_pm"] = self.pixel_size_pm
         out["uncertainty_method"] = self.method
         return out
-
-    def to_numpy(self) -> CellStatistics:
-        """A copy (plain floats already)."""
-        return CellStatistics(dict(self.rows), self.n_cells, self.pixel_size_pm, self.method,
-                              dict(self.parameters))
 
     def __str__(self) -> str:
         r = self.rows
@@ -161,8 +240,7 @@ def median_uncertainty(values, *, method: str = "auto", n_bootstrap: int = 200,
     v = np.asarray(values, dtype=np.float64)
     one = v.ndim == 1
     v = np.atleast_2d(v)
-    if method not in _METHODS:
-        raise ValueError(f"uncertainty must be one of {_METHODS}; got {method!r}")
+    check_choice(method, "uncertainty", _METHODS)
     n = v.shape[1]
     if n < 2:
         raise ValueError(f"the uncertainty of a median needs at least 2 values; got {n}")
@@ -186,7 +264,7 @@ def median_uncertainty(values, *, method: str = "auto", n_bootstrap: int = 200,
 
 def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str = "auto",
                     n_bootstrap: int = 200, seed: int = 0) -> CellStatistics:
-    """The lecture's table of unit-cell figures in calibrated units, with error bars.
+    """The table of unit-cell figures (sides, angles, area, distortions, B-site) with error bars.
 
     Parameters
     ----------
@@ -235,9 +313,7 @@ def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str 
     >>> sorted(stats.as_dict()["tetragonal"])
     ['median', 'median_uncertainty', 'n', 'std', 'unit']
     """
-    from .cells import UnitCells
-
-    if not isinstance(cells, UnitCells):
+    if not all(hasattr(cells, name) for name in _CELL_ATTRIBUTES):
         raise TypeError(f"cells must be a UnitCells (from stemgpu.unit_cells); got "
                         f"{type(cells).__name__}")
     px = resolve_pixel_size(pixel_size, cells.pixel_size_pm, required=True,
@@ -245,31 +321,14 @@ def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str 
     if cells.n_cells < 2:
         raise ValueError(f"cell_statistics needs at least 2 cells; got {cells.n_cells}")
     c = cells.to_numpy()
-    length = np.linalg.norm(c.vectors, axis=2) * px
-    series = {
-        "smallest_side_pm": (c.smallest_side * px, "pm", "smallest side"),
-        "longest_side_pm": (c.longest_side * px, "pm", "longest side"),
-        "a1_length_pm": (length[:, 0], "pm", "|a1|"),
-        "a2_length_pm": (length[:, 1], "pm", "|a2|"),
-        "angle_deviation_deg": (c.angle_deviation_deg, "deg", "angle(a1, a2) - 90"),
-        "abs_angle_deviation_deg": (c.abs_angle_deviation_deg, "deg",
-                                    "mean |corner angle - 90|"),
-        "area_nm2": (c.area * (px / 1000.0) ** 2, "nm^2", "area"),
-        "equivalent_side_pm": (np.sqrt(c.area) * px, "pm", "sqrt(area)"),
-        "tetragonal": (c.tetragonal, "", "tetragonal distortion eps11 - eps22"),
-        "shear": (c.shear, "", "shear distortion eps12"),
-        "strain_11": (c.strain_lattice[:, 0, 0], "", "strain along r1"),
-        "strain_22": (c.strain_lattice[:, 1, 1], "", "strain along r2"),
-        "rotation_deg": (c.rotation_deg, "deg", "rotation against reference"),
-    }
-    names = list(series)
-    matrix = np.stack([series[k][0] for k in names])
+    table = [q for q in CELL_QUANTITIES if q.row is not None]
+    matrix = np.stack([calibrate(q.values(c), q.unit, px) for q in table])
     unc, how = median_uncertainty(matrix, method=uncertainty, n_bootstrap=n_bootstrap,
                                   seed=seed)
     rows = {}
-    for i, k in enumerate(names):
-        rows[k] = Stat(float(np.median(matrix[i])), float(np.std(matrix[i], ddof=1)),
-                       float(unc[i]), int(matrix.shape[1]), series[k][1], series[k][2])
+    for i, q in enumerate(table):
+        rows[q.row] = Stat(float(np.median(matrix[i])), float(np.std(matrix[i], ddof=1)),
+                           float(unc[i]), int(matrix.shape[1]), _ROW_UNITS[q.unit], q.row_label)
     has_b = c.bsite_index >= 0
     if has_b.sum() >= 2:
         d = c.bsite_displacement[has_b] * px

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._checks import check_int, check_real
+from .gates import SEPARATION_MIN, check_not_merged, check_separation
+
 __all__ = ["DEFAULT_NAMES", "assign_by_intensity", "assign_by_lattice", "cell_edge_midpoints"]
 
 #: Names given to intensity classes, brightest first.
@@ -33,8 +36,15 @@ def _check_names(names, n: int) -> tuple[str, ...]:
 
 
 def assign_by_intensity(intensities, *, n_classes: int = 3,
-                        names: Sequence[str] | None = None, max_iter: int = 100) -> np.ndarray:
+                        names: Sequence[str] | None = None, max_iter: int = 100,
+                        min_separation: float | None = SEPARATION_MIN) -> np.ndarray:
     """Label columns by intensity class with a 1-D k-means, brightest class first.
+
+    The split is accepted only when the classes are really there: every pair of classes
+    adjacent in intensity separates with Ashman's ``D >= min_separation`` and holds at least
+    10 % of the columns (:func:`~stemgpu.lattice.gates.check_separation`), and a split into
+    one class more does *not* also separate (else two species were merged into one class:
+    :func:`~stemgpu.lattice.gates.check_not_merged`).
 
     Parameters
     ----------
@@ -46,6 +56,9 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
         Label of each class, brightest first; default ``("A", "B", "O")[:n_classes]``.
     max_iter : int
         Lloyd iterations (converges in a few for well-separated classes).
+    min_separation : float or None
+        Smallest accepted Ashman's D (default :data:`~stemgpu.lattice.gates.SEPARATION_MIN`,
+        4); ``None`` labels without testing the split.
 
     Returns
     -------
@@ -55,6 +68,8 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
     ------
     ValueError
         For non-finite intensities, fewer intensities than classes, or bad ``names``.
+    AnalysisError
+        Classes that do not separate, or one class more that does (a ``ValueError``).
 
     Examples
     --------
@@ -62,11 +77,17 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
     >>> from stemgpu.lattice.sublattice import assign_by_intensity
     >>> assign_by_intensity(np.array([1.0, 0.47, 0.07, 0.98, 0.5, 0.08])).tolist()
     ['A', 'B', 'O', 'A', 'B', 'O']
+
+    One species split in two is refused:
+
+    >>> one = np.random.default_rng(0).normal(1.0, 0.05, 100)
+    >>> assign_by_intensity(one, n_classes=2)
+    Traceback (most recent call last):
+    ...
+    stemgpu.lattice.gates.AnalysisError: the species split by intensity is not supported ...
     """
     x = np.asarray(intensities, dtype=np.float64).ravel()
-    n = int(n_classes)
-    if n < 1:
-        raise ValueError(f"n_classes must be >= 1; got {n_classes!r}")
+    n = check_int(n_classes, "n_classes", minimum=1)
     labels_out = _check_names(names, n)
     if len(x) < n:
         raise ValueError(f"intensities must hold at least n_classes={n} values; got {len(x)}")
@@ -76,6 +97,17 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
             f"intensities has {len(bad)} non-finite value(s) (first at index {bad[0]}); "
             "drop or flag failed fits first"
         )
+    cls = _kmeans(x, n, max_iter)
+    labels = np.asarray(labels_out, dtype=object)[cls].astype(str)
+    if min_separation is not None and len(x) > n:
+        check_separation(x, labels, min_separation=min_separation)
+        # One class more must not also separate: else two species share a class.
+        check_not_merged(x, _kmeans(x, n + 1, max_iter), n, min_separation=min_separation)
+    return labels
+
+
+def _kmeans(x: np.ndarray, n: int, max_iter: int) -> np.ndarray:
+    """1-D k-means (quantile start, Lloyd iterations): class index, 0 for the brightest."""
     centres = np.quantile(x, (np.arange(n) + 0.5) / n)
     cls = np.zeros(len(x), dtype=np.int64)
     for _ in range(max_iter):  # iterations over classes, not over columns
@@ -89,7 +121,7 @@ def assign_by_intensity(intensities, *, n_classes: int = 3,
     order = np.argsort(-centres)  # brightest first
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
-    return np.asarray(labels_out, dtype=object)[rank[cls]].astype(str)
+    return rank[cls]
 
 
 def assign_by_lattice(positions, *, lattice_vectors, origin, basis, names: Sequence[str],
@@ -188,8 +220,7 @@ def cell_edge_midpoints(cells, *, merge_distance: float = 1.0) -> np.ndarray:
     """
     from scipy.spatial import cKDTree
 
-    if not (np.isfinite(merge_distance) and merge_distance > 0):
-        raise ValueError(f"merge_distance must be a positive number of px; got {merge_distance!r}")
+    check_real(merge_distance, "merge_distance", greater=0)
     corners = np.asarray(cells.to_numpy().corners, dtype=np.float64)
     if corners.size == 0:
         return np.zeros((0, 2))
