@@ -174,7 +174,7 @@ def test_nothing_found_is_an_analysis_failure(tmp_path, capsys):
     write_ndata1(str(path), rng.poisson(5.0, (4, 96, 96)).astype("float32"))
     rc = main(["run", str(path), "--out", str(tmp_path / "o.h5"), "--steps", "atoms,cells"])
     assert rc == EXIT_FAILED
-    assert "cells: found 0 unit cell" in _one_line_error(capsys)
+    assert "atoms: the species split by intensity is not supported" in _one_line_error(capsys)
 
 
 def test_run_without_demons_streams_the_stack(nion_file, tmp_path, capsys):

@@ -16,8 +16,6 @@ from __future__ import annotations
 __all__ = ["EXIT_BACKEND", "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE",
            "AnalysisError"]
 
+from ..lattice.gates import AnalysisError  # one class: the lattice gates raise it too
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
-
-
-class AnalysisError(ValueError):
-    """A stage ran but found nothing usable (no columns, no cells, no usable frames)."""

@@ -219,8 +219,8 @@ def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     Returns ``(fit, species)``.
     """
     from ..atoms.fit import fit_atoms
-    from ..lattice.cells import unit_cells
-    from ..lattice.sublattice import assign_by_intensity, cell_edge_midpoints
+    from ..lattice.perovskite import CELL_TOLERANCES, place_o_columns
+    from ..lattice.sublattice import assign_by_intensity
 
     n_classes = int(options.get("n_classes", 2))
     names = options.get("names")
@@ -229,19 +229,24 @@ def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     pos = to_host(first.positions)
     amp = to_host(first.param("amplitude"))
     labels = np.full(len(pos), "-", dtype=object)
-    labels[ok] = assign_by_intensity(amp[ok], n_classes=n_classes, names=names)
+    try:
+        labels[ok] = assign_by_intensity(amp[ok], n_classes=n_classes, names=names)
+    except AnalysisError as exc:
+        raise AnalysisError(f"atoms: {exc}") from None
     labels = labels.astype(str)
-    if not options.get("edge_columns", True) or n_classes != 2:
+    lattice = cells_options.get("lattice", "perovskite")
+    other = isinstance(lattice, str) and lattice != "perovskite"  # hexagonal / generic
+    if not options.get("edge_columns", True) or n_classes != 2 or other:
         return first, labels
     a_name = names[0] if names else "A"
     a_ok = ok & (labels == a_name)
     # The O columns sit at the edge midpoints of the A-site cells.
     try:
-        a_cells = unit_cells(pos[a_ok], **{k: v for k, v in cells_options.items()
-                                           if k in _A_CELL_OPTIONS})
+        mids = place_o_columns(pos[a_ok], merge_distance=0.25 * sigma + 0.5,
+                               **{k: v for k, v in cells_options.items()
+                                  if k in CELL_TOLERANCES})
     except ValueError:
         return first, labels  # no square A-site lattice: nothing to complete
-    mids = cell_edge_midpoints(a_cells, merge_distance=0.25 * sigma + 0.5)
     if len(mids) == 0:
         return first, labels
     # Start the known columns from their first-pass fits (failed ones from the peak).
@@ -268,8 +273,10 @@ def cells_stage(fit, species, px, options, names=None):
     if names is not None and len(names) >= 2:
         kw.setdefault("a_site", str(names[0]))
         kw.setdefault("b_site", str(names[1]))
+    # Corner intensities let the checkerboard gate see an A/B split that merged two species.
+    amp = to_host(fit.param("amplitude"))[use]
     try:
-        cells = unit_cells(pos, species=species[use], pixel_size=px, **kw)
+        cells = unit_cells(pos, species=species[use], intensities=amp, pixel_size=px, **kw)
     except ValueError as exc:
         raise AnalysisError(f"cells: {exc}") from None
     if cells.n_cells < 2:
