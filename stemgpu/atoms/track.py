@@ -374,7 +374,8 @@ def column_outliers(positions, errors, amplitudes, amplitude_errors, fitted, *,
         slope = (sw * swxy - swx * swy) / det
         slope_err = np.sqrt(sw / det)
         level = swy / sw
-        change = slope * max(f_n - 1, 1) / level
+        first = level - slope * swx / sw  # the fitted line at frame 0
+        change = slope * max(f_n - 1, 1) / first
         fading = (slope / slope_err < -fade_z) & (change <= -fade_fraction) & (count >= 4)
         # A step explains a sudden change better than a line: the residual chi-square decides.
         line = level + slope * (fr - swx / sw)
