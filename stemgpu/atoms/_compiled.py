@@ -55,7 +55,6 @@ SUPPORTED_MODELS = {
     "gaussian": (0, (1, 2), (3,), None, 4, 5),
     "elliptical": (0, (1, 2), (3, 4), 5, 6, 7),
 }
-_MODEL_IDS = {"gaussian": 0, "elliptical": 1}
 _EST_IDS = {"mle": 0, "lsq": 1}
 
 
@@ -209,7 +208,7 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
     if win.dtype not in (np.float32, np.float64):
         win = win.astype(np.float64)
     win = np.ascontiguousarray(win)
-    m_total, k = win.shape[0], win.shape[1]
+    m_total = win.shape[0]
     p = mdl.n_params
     org = np.ascontiguousarray(origins, dtype=np.float64).reshape(m_total, 2)
     ini = np.ascontiguousarray(init, dtype=np.float64).reshape(m_total, p)
@@ -239,7 +238,7 @@ def lm_fit(windows, origins, init, *, model="gaussian", estimator="mle", max_ite
     # (dynamic scheduling), keep threads busy when some fits take many more iterations.
     block = max(1, min(64, -(-m_total // (16 * threads))))
     with numba.parallel_chunksize(1):
-        kern.lm_fit_batch(_MODEL_IDS[mdl.name], _EST_IDS[estimator], win, off, has_off, fx,
-                          has_fixed, org, ini, float(gain), int(max_iter), float(tol), _CONSTS,
-                          _CODES, lay, islog, block, params, errors, covs, chi2, n_iter, status)
+        kern.BATCH[mdl.name, estimator](
+            win, off, has_off, fx, has_fixed, org, ini, float(gain), int(max_iter), float(tol),
+            _CONSTS, _CODES, lay, islog, block, params, errors, covs, chi2, n_iter, status)
     return LMOutput(params, errors, covs, chi2, n_iter, status)
