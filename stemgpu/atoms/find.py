@@ -2,39 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .._inputs import as_image
-from ..backend import to_host
+from ..backend import HostCopyMixin
 
 __all__ = ["FoundAtoms", "estimate_sigma", "find_atoms"]
 
 
+#: Largest region (px per side) the column width is measured on: the probe is the same over
+#: the image, and a 512 x 512 region of an atomic-resolution image holds hundreds of columns.
+SIGMA_REGION = 512
+#: A trial scale ``s`` is evaluated on the ``f x f`` block-mean image with ``f = s // 2``, where it
+#: still spans >= 2 px (the scale space then costs about the same at every scale).
+_PX_PER_SCALE = 2.0
+
+
 @dataclass(frozen=True)
-class FoundAtoms:
+class FoundAtoms(HostCopyMixin):
     """Candidate columns: ``positions`` (N, 2) sub-pixel (row, col) and band-passed peak
-    ``intensities`` (N,), brightest first. Unpacks as ``positions, intensities``."""
+    ``intensities`` (N,), brightest first; ``sigma`` the column width (px) the search used
+    (given or estimated, see ``parameters["sigma_estimated"]``), for the fit to reuse.
+    Unpacks as ``positions, intensities``."""
 
     positions: Any
     intensities: Any
     parameters: dict = field(default_factory=dict)
+    sigma: float | None = None
 
     def __iter__(self):
         return iter((self.positions, self.intensities))
 
-    def to_numpy(self) -> FoundAtoms:
-        out = {}
-        for f in ("positions", "intensities"):
-            v = getattr(self, f)
-            out[f] = to_host(v, copy=True)
-        return replace(self, **out)
+
+def _block_mean(img, f, xp):
+    """Mean over f x f blocks (the image cropped to a multiple of f)."""
+    if f == 1:
+        return img
+    h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+    return img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def _busiest_region(img, size, xp):
+    """The ``size`` x ``size`` region (of a 3 x 3 grid of candidates: corners, edge centres,
+    centre) whose 4 x 4 block means vary most: columns, not vacuum or a flat support."""
+    h, w = img.shape
+    if h <= size and w <= size:
+        return img
+    sh, sw = min(h, size), min(w, size)
+    coarse = _block_mean(img, 4, xp)
+    best, best_var = None, -1.0
+    for r0 in sorted({0, (h - sh) // 2, h - sh}):
+        for c0 in sorted({0, (w - sw) // 2, w - sw}):
+            var = float(coarse[r0 // 4:(r0 + sh) // 4, c0 // 4:(c0 + sw) // 4].var())
+            if var > best_var:
+                best, best_var = (r0, c0), var
+    r0, c0 = best
+    return img[r0:r0 + sh, c0:c0 + sw]
 
 
 def estimate_sigma(image, *, backend=None) -> float:
     """Column width (px) maximising the scale-normalised LoG response of the brightest peaks.
+
+    The score of a trial scale ``s`` is the 99.5th percentile of ``-s^2 LoG_s(image)``; the
+    24 trial scales run from 0.7 px to a sixth of the image side (geometric steps) and the best
+    is refined by a parabola in log-scale. The scale space is computed on the busiest
+    :data:`SIGMA_REGION` square of the image (columns, not vacuum) and each scale on a
+    block-mean image where it spans about 2 px (the box adds 1/12 px^2 of variance there,
+    removed from the trial scale), so the cost does not grow with the image or the width:
+    ~0.05 s at 1024 x 1024 on one CPU core (24 full-image passes took ~14 s at sigma 6 px).
 
     Examples
     --------
@@ -46,12 +84,20 @@ def estimate_sigma(image, *, backend=None) -> float:
     """
     cal = as_image(image, name="image", backend=backend)
     be = cal.backend
-    img = cal.data.astype(be.xp.float32)
+    xp = be.xp
+    img = cal.data.astype(xp.float32)
     scales = np.geomspace(0.7, min(img.shape) / 6.0, 24)
+    region = _busiest_region(img, SIGMA_REGION, xp)
+    levels = {}
     scores = []
     for s in scales:
-        resp = -(s * s) * be.ndimage.gaussian_laplace(img, float(s))
-        scores.append(float(be.xp.percentile(resp, 99.5)))
+        # Keep >= 16 px per side on the level, so the percentile still sees many columns.
+        f = int(max(1, min(s // _PX_PER_SCALE, min(region.shape) // 16)))
+        if f not in levels:
+            levels[f] = _block_mean(region, f, xp)
+        s_level = float(np.sqrt((s / f) ** 2 - (1.0 / 12.0 if f > 1 else 0.0)))
+        resp = -((s / f) ** 2) * be.ndimage.gaussian_laplace(levels[f], s_level)
+        scores.append(float(xp.percentile(resp, 99.5)))
     i = int(np.argmax(scores))
     if 0 < i < len(scales) - 1:  # parabolic refinement in log-scale
         y0, y1, y2 = scores[i - 1], scores[i], scores[i + 1]
@@ -106,7 +152,8 @@ def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, backend=
     cal = as_image(image, name="image", backend=backend)
     be, xp = cal.backend, cal.backend.xp
     img = cal.data.astype(xp.float32)
-    if sigma is None:
+    estimated = sigma is None
+    if estimated:
         sigma = estimate_sigma(img, backend=be)
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number of pixels; got {sigma!r}")
@@ -143,8 +190,10 @@ def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, backend=
     return FoundAtoms(
         positions=pos[order].astype(xp.float64),
         intensities=v0[order],
-        parameters={"sigma": float(sigma), "threshold": float(threshold),
-                    "min_distance": int(min_distance), "backend": be.name},
+        parameters={"sigma": float(sigma), "sigma_estimated": estimated,
+                    "threshold": float(threshold), "min_distance": int(min_distance),
+                    "backend": be.name},
+        sigma=float(sigma),
     )
 
 
