@@ -86,14 +86,14 @@ def _image(size, sigma, seed, lattice="SrTiO3"):
 @pytest.mark.parametrize("sigma", [2.0, 3.0, 4.0, 5.0, 6.0])
 @pytest.mark.parametrize("size", [384, 640], ids=["whole", "region"])
 def test_estimate_sigma_matches_full_scale_space(sigma, size):
-    """Pyramid levels (384 px: the whole image) and the busiest-region crop (640 px) give the
-    full-image scale space's answer within a few %. Measured at sigma 2-6 px: pyramid alone
-    <= 2.3 %; the 512 px region of a 640 px image <= 5.4 % (30 draws; the percentile score is
-    flat near its maximum, so the pixels it sees move the answer by a few %)."""
+    """Block-mean levels (384 px: the whole image, levels only for scales >= 16 px) and the
+    busiest-region crops (640 px) give the full-image scale space's answer within a few %.
+    Measured at sigma 2-6 px: 384 px identical; 640 px <= 2.2 % (30 draws; the percentile
+    score is flat near its maximum, so the pixels it sees move the answer a little)."""
     seed = int(np.random.SeedSequence().entropy % 2**16)
     image, _ = _image(size, sigma, seed, lattice="square" if seed % 2 else "SrTiO3")
     ref = _full_scale_space_sigma(image)
-    rel = 0.03 if size <= 512 else 0.06
+    rel = 0.03 if size <= 512 else 0.04
     assert estimate_sigma(image) == pytest.approx(ref, rel=rel), f"seed={seed}"
 
 
@@ -101,12 +101,12 @@ def test_estimate_sigma_matches_full_scale_space(sigma, size):
 def test_estimate_sigma_vs_truth(sigma):
     """Known truth. The percentile of a pixel-sampled response favours wider scales (column
     centres fall between pixels), so the estimator (as the full scale space before it) reads
-    high at small widths: measured +16-20 % at 2 px, +6-10 % at 3 px, within +-8 % at 4-6 px
-    (the full scale space: +16-18 %, +6-9 %, +-7 %). It seeds the fit, which measures the
-    width itself."""
+    high at small widths: measured +16-20 % at 2 px, +6-12.3 % at 3 px, -7 to +5.4 % at 4-6 px
+    (the full scale space: +16-18 %, +6-9 %, -7 to +4 %). It seeds the fit, which measures
+    the width itself."""
     seed = int(np.random.SeedSequence().entropy % 2**16)
     image, truth = _image(768, sigma, seed)
-    rel = {2.0: 0.22, 3.0: 0.12}.get(sigma, 0.1)
+    rel = {2.0: 0.22, 3.0: 0.15}.get(sigma, 0.1)
     assert estimate_sigma(image) == pytest.approx(truth.probe_sigma_px, rel=rel), f"seed={seed}"
 
 
