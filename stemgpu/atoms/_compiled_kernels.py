@@ -2,7 +2,7 @@
 iteration, threads over fits (``prange``).
 
 Private: imported on first use by :mod:`stemgpu.atoms._compiled` (never at ``import stemgpu``
-time, numba's import costs ~0.3 s). Every rule (damping, trial validity, accept / converge /
+time, numba's import costs ~0.45 s). Every rule (damping, trial validity, accept / converge /
 stuck, Fisher information with unidentifiable parameters dropped, final checks) follows the
 specification in the docstring of :mod:`stemgpu.atoms.lm` and the order of operations of
 ``kernels/lm.cuh``. Constants and status codes are passed in from the registry
