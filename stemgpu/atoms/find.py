@@ -2,39 +2,91 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .._inputs import as_image
-from ..backend import to_host
+from ..backend import HostCopyMixin
 
 __all__ = ["FoundAtoms", "estimate_sigma", "find_atoms"]
 
 
+#: Side (px) of the region the column width is measured on at full resolution: the probe is
+#: the same over the image, and 512 x 512 px of an atomic-resolution image hold hundreds of
+#: columns. Coarser levels of the scale space use :data:`_LEVEL_REGION` level px.
+SIGMA_REGION = 512
+_LEVEL_REGION = 256
+#: Scales below this (px) stay on levels with >= _LEVEL_REGION px per side where the image
+#: allows (a percentile over few coarse pixels is noisy: measured 10 % off at 384^2 and
+#: sigma 6 px on a 128^2 level); wider scales are never a column width here and only have to
+#: score below it, so they take the coarse levels regardless.
+_FREE_SCALE = 16.0
+
+
 @dataclass(frozen=True)
-class FoundAtoms:
+class FoundAtoms(HostCopyMixin):
     """Candidate columns: ``positions`` (N, 2) sub-pixel (row, col) and band-passed peak
-    ``intensities`` (N,), brightest first. Unpacks as ``positions, intensities``."""
+    ``intensities`` (N,), brightest first; ``sigma`` the column width (px) the search used
+    (given or estimated, see ``parameters["sigma_estimated"]``), for the fit to reuse.
+    Unpacks as ``positions, intensities``."""
 
     positions: Any
     intensities: Any
     parameters: dict = field(default_factory=dict)
+    sigma: float | None = None
 
     def __iter__(self):
         return iter((self.positions, self.intensities))
 
-    def to_numpy(self) -> FoundAtoms:
-        out = {}
-        for f in ("positions", "intensities"):
-            v = getattr(self, f)
-            out[f] = to_host(v, copy=True)
-        return replace(self, **out)
+
+def _block_mean(img, f, xp):
+    """Mean over f x f blocks (the image cropped to a multiple of f)."""
+    if f == 1:
+        return img
+    h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+    return img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def _busiest_centre(img, size, xp):
+    """Centre (row, col) of the ``size`` x ``size`` region (of a 3 x 3 grid of candidates:
+    corners, edge centres, centre) whose 4 x 4 block means vary most: columns, not vacuum or
+    a flat support."""
+    h, w = img.shape
+    sh, sw = min(h, size), min(w, size)
+    if sh == h and sw == w:
+        return h // 2, w // 2
+    coarse = _block_mean(img, 4, xp)
+    best, best_var = None, -1.0
+    for r0 in sorted({0, (h - sh) // 2, h - sh}):
+        for c0 in sorted({0, (w - sw) // 2, w - sw}):
+            var = float(coarse[r0 // 4:(r0 + sh) // 4, c0 // 4:(c0 + sw) // 4].var())
+            if var > best_var:
+                best, best_var = (r0 + sh // 2, c0 + sw // 2), var
+    return best
+
+
+def _crop(level, centre, side):
+    """The ``side`` x ``side`` part of ``level`` around ``centre`` (level px), inside it."""
+    h, w = level.shape
+    sh, sw = min(h, side), min(w, side)
+    r0 = int(np.clip(centre[0] - sh // 2, 0, h - sh))
+    c0 = int(np.clip(centre[1] - sw // 2, 0, w - sw))
+    return level[r0:r0 + sh, c0:c0 + sw]
 
 
 def estimate_sigma(image, *, backend=None) -> float:
     """Column width (px) maximising the scale-normalised LoG response of the brightest peaks.
+
+    The score of a trial scale ``s`` is the 99.5th percentile of ``-s^2 LoG_s(image)``; the
+    24 trial scales run from 0.7 px to a sixth of the image side (geometric steps) and the best
+    is refined by a parabola in log-scale. Each scale is computed on a 2^n block-mean level of
+    the image where it spans 2-4 px (the box's 1/12 px^2 of variance removed from the trial
+    scale), cropped to :data:`SIGMA_REGION` px (full resolution) or 256 level px around the
+    busiest part of the image (columns, not vacuum), so the cost hardly grows with the image
+    or the width: ~0.1 s at 1024 x 1024 on one CPU core (24 full-image passes took ~14 s at
+    sigma 6 px).
 
     Examples
     --------
@@ -46,12 +98,31 @@ def estimate_sigma(image, *, backend=None) -> float:
     """
     cal = as_image(image, name="image", backend=backend)
     be = cal.backend
-    img = cal.data.astype(be.xp.float32)
+    xp = be.xp
+    img = cal.data.astype(xp.float32)
     scales = np.geomspace(0.7, min(img.shape) / 6.0, 24)
+    # Level f (a power of 2) for a trial scale s: the largest with s / f >= 2 (the scale spans
+    # >= 2 level px), capped near column widths (see _FREE_SCALE). Levels are 2 x 2 block
+    # means of the previous one; all are cropped around the same busiest point.
+    centre = _busiest_centre(img, SIGMA_REGION, xp)
+    cap = 1 << max(0, int(np.log2(max(1, min(img.shape) // _LEVEL_REGION))))
+    pyramid = {1: img}
+    crops = {}
     scores = []
     for s in scales:
-        resp = -(s * s) * be.ndimage.gaussian_laplace(img, float(s))
-        scores.append(float(be.xp.percentile(resp, 99.5)))
+        f = 1 << max(0, int(np.floor(np.log2(max(s / 2.0, 1.0)))))
+        if s < _FREE_SCALE:
+            f = min(f, cap)
+        while f not in pyramid:
+            g = max(pyramid)
+            pyramid[2 * g] = _block_mean(pyramid[g], 2, xp)
+        if f not in crops:
+            side = SIGMA_REGION if f == 1 else _LEVEL_REGION
+            crops[f] = _crop(pyramid[f], (centre[0] // f, centre[1] // f), side)
+        # The f x f box adds f^2 / 12 px^2 of variance: removed from the trial scale.
+        s_level = float(np.sqrt((s / f) ** 2 - (1.0 / 12.0 if f > 1 else 0.0)))
+        resp = -((s / f) ** 2) * be.ndimage.gaussian_laplace(crops[f], s_level)
+        scores.append(float(xp.percentile(resp, 99.5)))
     i = int(np.argmax(scores))
     if 0 < i < len(scales) - 1:  # parabolic refinement in log-scale
         y0, y1, y2 = scores[i - 1], scores[i], scores[i + 1]
@@ -106,7 +177,8 @@ def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, backend=
     cal = as_image(image, name="image", backend=backend)
     be, xp = cal.backend, cal.backend.xp
     img = cal.data.astype(xp.float32)
-    if sigma is None:
+    estimated = sigma is None
+    if estimated:
         sigma = estimate_sigma(img, backend=be)
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number of pixels; got {sigma!r}")
@@ -143,8 +215,10 @@ def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, backend=
     return FoundAtoms(
         positions=pos[order].astype(xp.float64),
         intensities=v0[order],
-        parameters={"sigma": float(sigma), "threshold": float(threshold),
-                    "min_distance": int(min_distance), "backend": be.name},
+        parameters={"sigma": float(sigma), "sigma_estimated": estimated,
+                    "threshold": float(threshold), "min_distance": int(min_distance),
+                    "backend": be.name},
+        sigma=float(sigma),
     )
 
 
