@@ -198,7 +198,7 @@ def _find_and_fit(image, options: Mapping[str, Any], be, n_classes: int):
         raise AnalysisError(f"atoms: found {len(start)} column(s) in the registered mean; need at "
                             "least 4 (check pixel_size, or pass atoms={'sigma': ..., "
                             "'threshold': ...})")
-    sigma = float(found.parameters["sigma"])
+    sigma = float(found.sigma)
     # No nested bar per fitting pass: the stage bar says "atom columns" already.
     fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options)}
     first = fit_atoms(image, start, **fit_kw)

@@ -10,11 +10,15 @@ only say *what* to fit.
 engine        implementation                                     backends
 ============  =================================================  =========================
 ``array``     :func:`stemgpu.atoms.lm.lm_fit` (NumPy / CuPy)      numpy, cupy
+``compiled``  :func:`stemgpu.atoms._compiled.lm_fit` (numba,     numpy
+              one fit per thread iteration, all cores)
 ``kernel``    :func:`stemgpu.atoms.cuda.lm_fit_kernel` (fused)   cupy
 ============  =================================================  =========================
 
-``engine="auto"`` (the default of ``fit_atoms``) is the kernel on CuPy, the array code
-otherwise.
+``engine="auto"`` (the default of ``fit_atoms``) is the kernel on CuPy; on NumPy the
+compiled engine when numba loads and passes its self-test
+(:func:`~stemgpu.atoms._compiled.compiled_available`), the array code otherwise. The array
+engine stays the reference: the others are tested against it to 1e-6 px.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from .._checks import check_choice
 from .lm import LMOutput, lm_fit
 from .models import Model
 
-__all__ = ["AUTO", "ENGINES", "ArrayEngine", "FitEngine", "KernelEngine", "make_engine"]
+__all__ = ["AUTO", "ENGINES", "ArrayEngine", "CompiledEngine", "FitEngine", "KernelEngine",
+           "make_engine"]
 
 _BACKEND_TEXT = {"numpy": "the NumPy backend", "cupy": "the CuPy backend (a CUDA device)"}
 _BACKEND_NAME = {"numpy": "NumPy", "cupy": "CuPy"}
@@ -162,12 +167,44 @@ class KernelEngine(FitEngine):
                              max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset)
 
 
+def _compiled_solver(windows, origins, init, **kwargs):
+    from ._compiled import CompiledUnsupported
+    from ._compiled import lm_fit as compiled_lm_fit
+
+    try:
+        return compiled_lm_fit(windows, origins, init, **kwargs)
+    except CompiledUnsupported:  # a model without compiled formulas: the reference code
+        return lm_fit(windows, origins, init, **kwargs)
+
+
+@dataclass(frozen=True)
+class CompiledEngine(ArrayEngine):
+    """The LM of :mod:`stemgpu.atoms.lm` compiled for the CPU (numba, NumPy backend only):
+    one fit per loop iteration over all cores, normal equations in registers; models it has
+    no formulas for run the array code."""
+
+    name: ClassVar[str] = "compiled"
+    backends: ClassVar[tuple[str, ...]] = ("numpy",)
+    solver: ClassVar[Any] = staticmethod(_compiled_solver)
+
+
 #: The engines by name; ``"auto"`` picks :data:`AUTO` of the backend.
-_ENGINE_CLASSES = {cls.name: cls for cls in (ArrayEngine, KernelEngine)}
+_ENGINE_CLASSES = {cls.name: cls for cls in (ArrayEngine, CompiledEngine, KernelEngine)}
 #: Values of ``fit_atoms(engine=...)``.
 ENGINES = ("auto", *_ENGINE_CLASSES)
-#: ``engine="auto"``: the fused kernel on CuPy, the array code on NumPy.
-AUTO = {"numpy": "array", "cupy": "kernel"}
+#: ``engine="auto"``: the fused kernel on CuPy; on NumPy the compiled engine (the array code
+#: when numba cannot load, see :func:`_auto_engine`).
+AUTO = {"numpy": "compiled", "cupy": "kernel"}
+
+
+def _auto_engine(backend_name: str) -> str:
+    name = AUTO[backend_name]
+    if name == "compiled":
+        from ._compiled import compiled_available
+
+        if not compiled_available()[0]:
+            return "array"
+    return name
 
 
 def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
@@ -184,11 +221,14 @@ def make_engine(engine, backend, stack, *, estimator="mle", max_iter=50,
     >>> import numpy as np
     >>> from stemgpu.atoms.engines import make_engine
     >>> from stemgpu.backend import resolve_backend
-    >>> make_engine("auto", resolve_backend("numpy"), np.zeros((1, 8, 8))).name
+    >>> make_engine("array", resolve_backend("numpy"), np.zeros((1, 8, 8))).name
     'array'
+    >>> make_engine("auto", resolve_backend("numpy"), np.zeros((1, 8, 8))).name in (
+    ...     "compiled", "array")  # "array" only where numba cannot load
+    True
     """
     check_choice(engine, "engine", ENGINES)
-    cls = _ENGINE_CLASSES[AUTO[backend.name] if engine == "auto" else engine]
+    cls = _ENGINE_CLASSES[_auto_engine(backend.name) if engine == "auto" else engine]
     if backend.name not in cls.backends:
         needs = " or ".join(_BACKEND_TEXT[b] for b in cls.backends)
         raise ValueError(f"engine={engine!r} needs {needs}; use engine='array' or 'auto' on "

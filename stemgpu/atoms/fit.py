@@ -137,8 +137,10 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     Parameters
     ----------
     image_or_stack : (H, W) or (F, H, W) array or sidpy.Dataset
-    positions : (N, 2) or (F, N, 2) array
-        Initial (row, col) per column (shared by all frames, or per frame).
+    positions : (N, 2) or (F, N, 2) array, or FoundAtoms
+        Initial (row, col) per column (shared by all frames, or per frame). A
+        :class:`~stemgpu.atoms.find.FoundAtoms` also gives the column width ``sigma``
+        measured by :func:`~stemgpu.find_atoms` (it is not estimated again).
     model : {"gaussian", "elliptical"}
         See :mod:`stemgpu.atoms.models`. The elliptical model is started from an isotropic
         fit (its angle is undefined for round columns; its error is then reported as inf).
@@ -165,11 +167,12 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         Relative objective decrease that ends a fit.
     progress : bool
         A tqdm bar over the fitting passes (plain, neighbour passes, elliptical).
-    engine : {"auto", "array", "kernel"}
+    engine : {"auto", "array", "compiled", "kernel"}
         The :mod:`~stemgpu.atoms.engines` every pass fits through. ``"kernel"`` uses the
         CUDA kernel (CuPy backend only; its held-width refits run the array code, the kernel
-        having no held-parameter mask); ``"auto"`` uses it on the CuPy backend, the array
-        code otherwise.
+        having no held-parameter mask); ``"compiled"`` the numba engine (NumPy backend);
+        ``"array"`` the array code (the reference). ``"auto"``: the kernel on CuPy, the
+        compiled engine on NumPy (the array code where numba cannot load).
     backend : {"numpy", "cupy", "auto"}, optional
 
     Returns
@@ -212,7 +215,9 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     _check_positive(tol, "tol")
     if counts_per_unit is not None:
         _check_positive(counts_per_unit, "counts_per_unit")
-    pos, per_frame = _check_positions(positions, f_n)
+    if sigma is None and getattr(positions, "sigma", None) is not None:
+        sigma = float(positions.sigma)  # FoundAtoms: find_atoms measured the width already
+    pos, per_frame = _check_positions(getattr(positions, "positions", positions), f_n)
     if sigma is None:
         from .find import estimate_sigma
 
