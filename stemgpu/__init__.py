@@ -51,7 +51,7 @@ _LAZY = {
     "correct_distortion": "stemgpu.lattice.distortion",
     "open": "stemgpu.io.nion",
     "open_frames": "stemgpu.io.nion",
-    "source_of": "stemgpu.io.nion",
+    "source_of": "stemgpu.io.provenance",
     "save": "stemgpu.io.results",
     "load": "stemgpu.io.results",
     "analyze": "stemgpu.app.analysis",

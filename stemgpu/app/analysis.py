@@ -234,7 +234,7 @@ def analyze(stack, *, pixel_size: float | None = None,
                             "backend": be.name, "device": be.device_name,
                             "shape": list(prep.shape), "timings_s": {}, "options": opts,
                             "streamed": prep.streamed}
-    from ..io.nion import source_of
+    from ..io.provenance import source_of
 
     source = source_of(stack, checksum=False)  # a Dataset from stemgpu.open knows its file
     if source is not None:

@@ -33,6 +33,8 @@ _LAZY = {
     "load": "stemgpu.io.results",
     "read_provenance": "stemgpu.io.results",
     "is_results_file": "stemgpu.io.results",
+    "source_of": "stemgpu.io.provenance",
+    "read_file": "stemgpu.io.formats",
 }
 
 __all__ = sorted(_LAZY)

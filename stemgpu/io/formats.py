@@ -120,7 +120,7 @@ def _find(tree: Any, key: str) -> float | None:
 
 
 def _inspect(path: str, lazy: bool, pixel_size: float | None, checksum: bool) -> dict:
-    from .nion import source_record
+    from .provenance import source_record
 
     module, label = _plugin(path)
     try:

@@ -130,7 +130,7 @@ class LazyStack:
         Calibration carried along for the functions that stream from this source.
     metadata : dict
         Free-form metadata (e.g. the reader's normalised calibration; ``metadata["source"]``
-        is the provenance record of :func:`stemgpu.io.nion.source_of`).
+        is the provenance record of :func:`stemgpu.io.provenance.source_of`).
     original_metadata : dict
         The file's own metadata, as read (empty when the constructor was given none).
 

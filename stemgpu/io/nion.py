@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import builtins
 import datetime
-import hashlib
 import json
 import math
 import numbers
@@ -54,6 +53,7 @@ import numpy as np
 from .._checks import check_real
 from .._inputs import length_to_pm
 from .lazy import LazyStack, npy_member_layout, open_hdf5
+from .provenance import source_of, source_record
 
 __all__ = ["NionFormatError", "open", "open_frames", "read_nion", "source_of", "source_record"]
 
@@ -403,103 +403,6 @@ def _normalised_metadata(view, pixel_size_pm, pixel_source, frame_time, frame_ti
         "hardware_source": name if isinstance(name, str) else None,
     }
     return {k: v for k, v in out.items() if v is not None}
-
-
-# ============================================================================ provenance
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with builtins.open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _stat(path: str) -> dict:
-    st = os.stat(path)
-    modified = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc)
-    return {"size_bytes": int(st.st_size), "modified_utc": modified.isoformat(),
-            "mtime_ns": int(st.st_mtime_ns)}
-
-
-def source_record(path: str, fmt: str, storage: str, *, checksum: bool, **extra) -> dict:
-    """The provenance record stored as ``metadata["source"]`` by every stemgpu reader.
-
-    ``checksum=False`` leaves ``sha256`` None; :func:`source_of` computes it on first use.
-    ``extra`` keys (e.g. ``layout``, ``item``) are added to the record.
-
-    Examples
-    --------
-    >>> import pathlib, tempfile
-    >>> from stemgpu.io.nion import source_record
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "file.bin"
-    >>> _ = path.write_bytes(b"abc")
-    >>> rec = source_record(path, "raw", "memory", checksum=True)
-    >>> rec["size_bytes"], rec["sha256"][:12]
-    (3, 'ba7816bf8f01')
-    """
-    path = os.path.abspath(path)
-    record = {"path": path, "format": fmt, "storage": storage, **_stat(path), "sha256": None,
-              **extra}
-    if checksum:
-        record["sha256"] = _sha256(path)
-    return record
-
-
-def source_of(obj: Any, *, checksum: bool = True) -> dict | None:
-    """Where a Dataset (or frame source) opened by stemgpu came from, or None.
-
-    Every Dataset from :func:`stemgpu.open` and every source from :func:`stemgpu.open_frames`
-    keeps its provenance in ``metadata["source"]``: ``path`` (absolute), ``format`` (e.g.
-    ``"nion-ndata"``, ``"nion-ndata1"``, ``"nion-h5"``, ``"nion-nhdf"``, ``"nion-tiff"``,
-    ``"rsciio-digitalmicrograph"``), ``storage``, ``size_bytes``, ``modified_utc``,
-    ``mtime_ns`` and ``sha256``; the file's own metadata is ``original_metadata``.
-
-    Parameters
-    ----------
-    obj : sidpy.Dataset or LazyStack
-        Anything with such a ``metadata["source"]`` record.
-    checksum : bool
-        Compute the SHA-256 now if the record lacks it (a lazy open does not read the whole
-        file). It is then stored in the record, so it is computed once. If the file's size
-        or modification time changed since it was opened, ``changed_since_open`` is True.
-
-    Returns
-    -------
-    dict or None
-        A copy of the record plus ``original_metadata``; None when ``obj`` has no record.
-
-    Examples
-    --------
-    >>> import io, json, os, tempfile, zipfile, numpy as np
-    >>> import stemgpu
-    >>> from stemgpu.io.nion import source_of
-    >>> # a Nion Swift library item: data.npy + metadata.json in an uncompressed zip
-    >>> props = {"dimensional_calibrations": [{"offset": 0, "scale": 0.0146, "units": "nm"}] * 2,
-    ...          "created": "2024-03-05T13:07:31.123456"}
-    >>> npy = io.BytesIO(); np.save(npy, np.ones((8, 8), "f4"))
-    >>> path = os.path.join(tempfile.mkdtemp(), "image.ndata")
-    >>> with zipfile.ZipFile(path, "w") as zf:
-    ...     zf.writestr("data.npy", npy.getvalue()); zf.writestr("metadata.json", json.dumps(props))
-    >>> src = source_of(stemgpu.open(path))
-    >>> src["format"], len(src["sha256"]), src["original_metadata"]["created"]
-    ('nion-ndata', 64, '2024-03-05T13:07:31.123456')
-    """
-    meta = getattr(obj, "metadata", None)
-    record = meta.get("source") if isinstance(meta, dict) else None
-    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-        return None
-    if checksum and record.get("sha256") is None and os.path.isfile(record["path"]):
-        now = _stat(record["path"])
-        record["sha256"] = _sha256(record["path"])
-        if (now["size_bytes"], now["mtime_ns"]) != (record.get("size_bytes"),
-                                                    record.get("mtime_ns")):
-            record["changed_since_open"] = True
-    out = dict(record)
-    original = getattr(obj, "original_metadata", None)
-    out["original_metadata"] = dict(original) if isinstance(original, dict) else {}
-    return out
 
 
 # ============================================================================ reading

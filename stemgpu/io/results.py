@@ -41,6 +41,7 @@ import numpy as np
 from .._inputs import is_sidpy_dataset
 from ._codec import class_path, dumps, from_json, import_class
 from ._tree import Writer, read_group, read_member
+from .provenance import sha256
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "is_results_file", "load", "read_provenance", "save"]
 
@@ -56,14 +57,6 @@ _before_commit = None
 
 
 # ============================================================================ provenance
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_source(obj: Any) -> str | None:
@@ -89,9 +82,9 @@ def _find_source(obj: Any) -> str | None:
 
 
 def _source_record(source: Any, obj: Any) -> dict | None:
-    """The provenance record of the data a result came from (:func:`stemgpu.io.nion.source_of`
+    """The provenance record of the data a result came from (:func:`stemgpu.io.provenance.source_of`
     of ``source``, else of ``obj``, else the one ``analyze`` kept in its info), or None."""
-    from .nion import source_of
+    from .provenance import source_of
 
     for candidate in (source, obj):
         if candidate is None or isinstance(candidate, str | os.PathLike):
@@ -119,7 +112,7 @@ def _provenance(writer: Writer, obj: Any, source: Any) -> dict:
     if src_path is not None:
         src = {"path": os.path.abspath(src_path), "sha256": None, "size_bytes": None}
         if os.path.isfile(src_path):
-            src["sha256"] = _sha256(src_path)
+            src["sha256"] = sha256(src_path)
             src["size_bytes"] = os.path.getsize(src_path)
         if record and os.path.abspath(str(record.get("path"))) == src["path"]:
             # What stemgpu.open recorded: format, layout, the file's own metadata, and the
