@@ -408,3 +408,26 @@ def test_engines_choice_and_held_parameter_fallback():
     for x, y in zip(a, k, strict=True):
         np.testing.assert_array_equal(x, y)
     assert a.params[0, 3] == 2.0 and a.param_errors[0, 3] == 0
+
+
+def test_reference_fit_of_frames():
+    """Frames fitted against the mean's fit: one pass started from its parameters, with its
+    peaks as the neighbour model; positions agree with the neighbour passes within errors."""
+    from stemgpu.synthetic import simulate_stack
+
+    stack, truth = simulate_stack((4, 128, 128), dose=200.0, seed=6)
+    pos = truth.image_positions(0)[truth.visible(0, margin=10)]
+    mean = fit_atoms(stack.mean(axis=0), pos, counts_per_unit=4)
+    frames = np.broadcast_to(pos, (4,) + pos.shape)
+    ref = fit_atoms(stack, frames, reference=mean, counts_per_unit=1)
+    own = fit_atoms(stack, frames, counts_per_unit=1)
+    assert ref.parameters["reference"] and not own.parameters["reference"]
+    both = (np.asarray(ref.status) == 0) & (np.asarray(own.status) == 0)
+    sr = np.isin(truth.species[truth.visible(0, margin=10)], ["Sr", "TiO"])
+    use = both & sr[None]
+    z = np.abs(ref.positions - own.positions)[use] / ref.position_errors[use]
+    assert np.median(z) < 0.3, np.median(z)
+    with pytest.raises(TypeError, match="reference must be an AtomFit"):
+        fit_atoms(stack, frames, reference=pos)
+    with pytest.raises(ValueError, match="reference must be a fit of the same"):
+        fit_atoms(stack, frames[:, :3], reference=mean)

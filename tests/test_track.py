@@ -31,14 +31,9 @@ def clean_tracks():
 def test_calibration_ratio_near_one_per_species(clean_tracks):
     tracks, _, _ = clean_tracks
     assert set(tracks.calibration) == {"Sr", "TiO", "O"}
-    for name in ("Sr", "TiO"):
-        r = tracks.calibration[name]
+    for name, r in tracks.calibration.items():
         assert 0.9 <= r.ratio <= 1.1, (name, str(r))
         assert r.low < r.ratio < r.high
-    # O columns next to Sr are fitted with their neighbours' fitted peaks as a known offset;
-    # the noise of those neighbour fits is not in the O error bars, which the frames show:
-    # measured 1.10-1.11 here and at 20 x 512^2 (seed 5).
-    assert 0.9 <= tracks.calibration["O"].ratio <= 1.15, str(tracks.calibration["O"])
     assert not tracks.frame_flagged.any(), tracks.frame_reasons[tracks.frame_flagged]
 
 

@@ -105,6 +105,26 @@ def neighbour_pass(engine, cols, out, guess, gain, error_scale):
     return out, guess, offset
 
 
+def reference_pass(engine, cols, ref_nat, gain):
+    """Every window fitted once against a reference fit of the same columns (e.g. on the
+    registered mean of these frames): started from the reference's parameters, with the
+    reference's peaks of all other columns as the known offset.
+
+    ``ref_nat`` (M, 5) are the reference's isotropic parameters of the fitted rows (NaN where
+    the reference has none: those start from the window guess and stay out of the offset).
+    The reference is better determined than any one frame, so its neighbour model adds
+    less noise than one fitted on the frame itself, and the fits start near their end.
+    Returns the fits and the offsets (M, k, k).
+    """
+    xp = cols.xp
+    ok = xp.isfinite(ref_nat).all(axis=1)
+    nat = xp.where(ok[:, None], ref_nat, cols.init)
+    offset = neighbour_offsets(ISO, xp.where(ok[:, None], ref_nat, xp.nan), cols, ok)
+    out = engine.fit(cols.windows, cols.origins, nat, model=ISO, gain=gain, offset=offset,
+                     frame_index=cols.fit_frames)
+    return out, offset
+
+
 def refit_fixed_width(engine, cols, out, gain, offset):
     """Refit failed or implausibly wide/narrow isotropic fits with the width held.
 

@@ -131,7 +131,8 @@ def _check_window(window, sigma, h, w):
 
 def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma=None,
               neighbours="subtract", estimator="mle", counts_per_unit=None, max_iter=50,
-              tol=1e-7, engine="auto", progress=False, backend=None) -> AtomFit:
+              tol=1e-7, engine="auto", reference=None, progress=False,
+              backend=None) -> AtomFit:
     """Fit a peak model to every atom column (and every frame) at once.
 
     Parameters
@@ -148,6 +149,12 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         Odd window size in px; default ``2 ceil(2.5 sigma) + 1``.
     sigma : float, optional
         Column width (px) for the initial guess; estimated from the image when omitted.
+    reference : AtomFit, optional
+        An isotropic fit of the same ``N`` columns on an image these frames average to (the
+        registered mean): each window is then fitted once, started from the reference's
+        parameters, with the reference's peaks of all other columns as the known neighbour
+        model (instead of the neighbour passes; failed fits then get the held-width refit).
+        For the frames of a registered stack (:func:`stemgpu.track_columns`).
     neighbours : {"subtract", "none"}
         ``"subtract"``: after a first pass, refit every window with the fitted peaks of all
         other columns added to its model as a known offset (a batched approximation of a
@@ -224,12 +231,14 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         sigma = estimate_sigma(stack.mean(axis=0), backend=be)
     _check_positive(sigma, "sigma", "a positive number of pixels")
     k = _check_window(window, sigma, h, w)
+    ref_nat = _reference_params(reference, pos, mdl, xp)
     fitter = make_engine(engine, be, stack, estimator=estimator, max_iter=max_iter, tol=tol)
 
     cols = passes.prepare_columns(stack, pos, k, float(sigma), xp)
     gain = 1.0 if counts_per_unit is None else float(counts_per_unit)
-    n_passes = 1 + (passes.SUBTRACT_PASSES if neighbours == "subtract" else 0) \
-        + (1 if mdl.name != passes.ISO.name else 0)
+    n_passes = 1 if ref_nat is not None else 1 + (
+        passes.SUBTRACT_PASSES if neighbours == "subtract" else 0) + (
+        1 if mdl.name != passes.ISO.name else 0)
     bar = progress_bar(progress, total=n_passes, desc=f"fit {int(cols.idx.size)} columns",
                        unit="pass", leave=False)
     if int(cols.idx.size) == 0:  # nothing fittable: every entry is flagged below
@@ -239,7 +248,7 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         fixed_rows = xp.zeros(0, dtype=bool)
     else:
         out, fixed_rows, gain = _fit_columns(fitter, cols, mdl, neighbours, gain,
-                                             counts_per_unit is None, bar)
+                                             counts_per_unit is None, bar, ref_nat)
     bar.close()
     lead = (f_n, pos.shape[1]) if (is_stack or per_frame) else (pos.shape[1],)
     return _assemble(cols, out, fixed_rows, mdl, lead, gain, parameters={
@@ -248,12 +257,38 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         "counts_per_unit": None if counts_per_unit is None else float(counts_per_unit),
         "counts_per_unit_estimated": counts_per_unit is None, "max_iter": int(max_iter),
         "tol": float(tol), "engine": fitter.name, "backend": be.name,
+        "reference": reference is not None,
     })
 
 
-def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar):
+def _reference_params(reference, pos, mdl, xp):
+    """The reference fit's isotropic parameters per fitted row's column, (F * N, 5), or None."""
+    if reference is None:
+        return None
+    if not isinstance(reference, AtomFit):
+        raise TypeError(f"reference must be an AtomFit (a fit of the same columns); got "
+                        f"{type(reference).__name__}")
+    if mdl.name != passes.ISO.name or tuple(reference.param_names) != passes.ISO.param_names:
+        raise ValueError("reference: only isotropic ('gaussian') fits and references are "
+                         "supported")
+    ref = xp.asarray(reference.params, dtype=xp.float64)
+    n = pos.shape[1]
+    if ref.shape != (n, passes.ISO.n_params):
+        raise ValueError(f"reference must be a fit of the same {n} columns on one image; got "
+                         f"params of shape {tuple(ref.shape)}")
+    return xp.tile(ref, (pos.shape[0], 1))
+
+
+def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar, ref_nat=None):
     """The passes of :mod:`._passes` in order; returns the fits, the held-width rows and
     the gain the errors are computed with."""
+    if ref_nat is not None:
+        out, offset = passes.reference_pass(engine, cols, ref_nat[cols.idx], gain)
+        bar.update(1)
+        out, fixed_rows = passes.refit_fixed_width(engine, cols, out, gain, offset)
+        if estimate_gain:
+            out, gain = passes.rescale_to_estimated_gain(mdl, out, cols, offset, gain)
+        return out, fixed_rows, gain
     out = passes.plain_pass(engine, cols, gain)
     bar.update(1)
     offset = None

@@ -474,8 +474,13 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
 
     Notes
     -----
-    All ``F x N`` fits run in one batched call (the engines' frame-index path), started from
-    the mean's positions. Columns flagged by :func:`column_outliers` are left out of the
+    All ``F x N`` fits run in one batched call (the engines' frame-index path). Given the
+    mean's :class:`~stemgpu.atoms.fit.AtomFit` (isotropic), each window is fitted once,
+    started from the mean's parameters with the mean's fitted peaks of all other columns as
+    the neighbour model (``fit_atoms(reference=...)``): the mean is better determined than any
+    frame, so its neighbour model adds little noise to a frame's fit, and the fits start near
+    their end. Given plain positions, every frame gets ``fit_atoms``' own neighbour passes.
+    Columns flagged by :func:`column_outliers` are left out of the
     frame motion and the calibration ratios. A calibration ratio above 1 means the frames
     scatter more than the error bars predict (unmodelled noise such as scan jitter left by
     the registration, or an underestimated gain); below 1, that the registration has
@@ -504,9 +509,12 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     check_real(fail_fraction, "fail_fraction", greater=0, maximum=1)
     check_real(erratic_p, "erratic_p", greater=0, maximum=0.5)
     check_real(level, "level", greater=0, maximum=0.9999)
-    start = positions
+    start, reference = positions, None
     if isinstance(positions, AtomFit):
         ok = to_host(positions.status) == CONVERGED
+        if positions.params.ndim == 2 and model == "gaussian" \
+                and positions.parameters.get("model", "gaussian") == "gaussian":
+            reference = _columns(positions.to_numpy(), ok)
         if species is not None:
             species = np.asarray(species)[ok] if len(species) == len(ok) else species
         if sigma is None:
@@ -526,11 +534,21 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     if window is not None:
         window = check_int(window, "window", minimum=5)
     fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
-                  backend=backend)
+                  backend=backend, reference=reference)
     fit = _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw)
     gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
                  frame_z=frame_z, fail_fraction=fail_fraction, level=level)
     return _assess(fit, species, gates)
+
+
+def _columns(fit, keep):
+    """The AtomFit of the columns ``keep`` of a one-image fit."""
+    import dataclasses
+
+    n = len(keep)
+    return dataclasses.replace(fit, **{
+        f.name: getattr(fit, f.name)[keep] for f in dataclasses.fields(fit)
+        if isinstance(getattr(fit, f.name), np.ndarray) and getattr(fit, f.name).shape[:1] == (n,)})
 
 
 def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
