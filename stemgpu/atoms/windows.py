@@ -95,16 +95,30 @@ def render_peaks(model, natural, frames, shape, radius, xp, chunk=4096):
     good = xp.isfinite(natural).all(axis=1)
     nat = natural[good]
     frm = frames[good]
-    yy, xx = window_grid(2 * radius + 1, xp)
+    size = 2 * radius + 1
+    yy, xx = window_grid(size, xp)
+    d = xp.arange(size, dtype=xp.int64)
+    patch = (d[:, None] * w + d[None, :]).ravel()  # flat offsets of the patch in a frame
     for s in range(0, nat.shape[0], chunk):
         p = nat[s:s + chunk].astype(xp.float64)
         org = xp.rint(p[:, list(model.position)]) - radius
         t = model.to_internal(p, org, 1.0, xp)
         t[:, model.background] = 0.0
-        val = model.value(t, yy, xx, xp)
-        rows = org[:, 0:1].astype(xp.int64) + yy.astype(xp.int64)[None, :]
-        cols = org[:, 1:2].astype(xp.int64) + xx.astype(xp.int64)[None, :]
-        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        idx = frm[s:s + chunk, None].astype(xp.int64) * (h * w) + rows * w + cols
-        out += xp.bincount(idx[ok], weights=val[ok], minlength=f_n * h * w)
+        val = model.value_on_grid(t, size, xp)  # separable where the model is
+        o = org.astype(xp.int64)
+        base = frm[s:s + chunk].astype(xp.int64) * (h * w) + o[:, 0] * w + o[:, 1]
+        # Patches wholly inside the frame need no per-pixel bounds test (most of them).
+        inside = (o[:, 0] >= 0) & (o[:, 0] + size <= h) & (o[:, 1] >= 0) & (o[:, 1] + size <= w)
+        parts_i = [(base[inside, None] + patch[None, :]).ravel()]
+        parts_w = [val[inside].ravel()]
+        edge = ~inside
+        if bool(edge.any()):
+            rows = o[edge, 0:1] + yy.astype(xp.int64)[None, :]
+            cols = o[edge, 1:2] + xx.astype(xp.int64)[None, :]
+            ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+            idx = frm[s:s + chunk][edge, None].astype(xp.int64) * (h * w) + rows * w + cols
+            parts_i.append(idx[ok])
+            parts_w.append(val[edge][ok])
+        out += xp.bincount(xp.concatenate(parts_i), weights=xp.concatenate(parts_w),
+                           minlength=f_n * h * w)
     return out.reshape(f_n, h, w)
