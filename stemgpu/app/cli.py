@@ -95,7 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import run_file
 
     return run_file(args.file, out=args.out, backend=args.backend, steps=args.steps,
-                    pixel_size=args.pixel_size, quiet=args.quiet, figure=args.figure)
+                    pixel_size=args.pixel_size, quiet=args.quiet, figure=args.figure,
+                    contrast=args.contrast)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default " + ",".join(STEPS) + ")")
     p.add_argument("--pixel-size", type=_positive_float, default=None,
                    help="pixel size in pm (overrides the file's calibration)")
+    p.add_argument("--contrast", choices=("bright", "dark", "auto"), default="bright",
+                   help="columns brighter than the background (HAADF/ADF), darker (ABF/BF), "
+                   "or auto: chosen from the image (default %(default)s)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 

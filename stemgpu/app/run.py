@@ -64,8 +64,15 @@ def _steps_for(ds, steps: tuple[str, ...], path, say) -> tuple[str, ...]:
 
 
 def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
-             quiet=False, figure=None) -> int:
-    """``stemgpu run``: analyse a file, print the summary, save results; returns exit code."""
+             quiet=False, figure=None, contrast="bright") -> int:
+    """``stemgpu run``: analyse a file, print the summary, save results; returns exit code.
+
+    ``contrast`` (``--contrast``): ``"bright"``, ``"dark"`` or ``"auto"``, as
+    ``analyze(atoms={"contrast": ...})``; what ``"auto"`` chose is printed.
+    """
+    from .._checks import check_choice
+
+    check_choice(contrast, "contrast", ("bright", "dark", "auto"))
     from ..backend import to_host
     from ..io.results import save
     from .analysis import analyze
@@ -83,13 +90,16 @@ def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
     steps = _steps_for(ds, steps, path, say)
     if source is not None:
         say(f"{path}: streaming the frames from disk (only the registered mean is kept)")
+    atoms = {"contrast": contrast} if "atoms" in steps and contrast != "bright" else {}
     try:
         analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                           progress=not quiet)
+                           progress=not quiet, **({"atoms": atoms} if atoms else {}))
     finally:
         if source is not None:
             source.close()
     say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
+    if analysis.atoms is not None and "contrast_note" in analysis.atoms.parameters:
+        say(f"{path}: {analysis.atoms.parameters['contrast_note']}")
     say(analysis.summary(as_text=True))
     save(analysis, out, overwrite=True, source=os.fspath(path))
     say(f"results: {os.path.abspath(out)}")

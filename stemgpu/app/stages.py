@@ -192,39 +192,91 @@ def _find_and_fit(image, options: Mapping[str, Any], be, n_classes: int):
 
     found = find_atoms(image, sigma=options.get("sigma"),
                        threshold=options.get("threshold", 0.03),
-                       min_distance=options.get("min_distance"), backend=be)
+                       min_distance=options.get("min_distance"),
+                       contrast=options.get("contrast", "bright"), backend=be)
     start = to_host(found.positions)
     if len(start) < max(4, n_classes):
         raise AnalysisError(f"atoms: found {len(start)} column(s) in the registered mean; need at "
-                            "least 4 (check pixel_size, or pass atoms={'sigma': ..., "
-                            "'threshold': ...})")
+                            "least 4 (check pixel_size and the contrast, or pass "
+                            "atoms={'sigma': ..., 'threshold': ..., 'contrast': ...})")
     sigma = float(found.sigma)
-    # No nested bar per fitting pass: the stage bar says "atom columns" already.
-    fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options)}
+    # No nested bar per fitting pass: the stage bar says "atom columns" already. The fits
+    # model the contrast find_atoms searched for (peaks, or dips for ABF / BF).
+    fit_kw = {"sigma": sigma, "backend": be, **_fit_options(options),
+              "contrast": found.contrast}
     first = fit_atoms(image, start, **fit_kw)
+    # What "auto" chose, and on which evidence, for the record of the fit (and the summary).
+    first.parameters.update(_contrast_record(found))
     ok = to_host(first.status) == 0
     if ok.sum() < max(4, n_classes):
         hint = ""
         if float(image.min()) < 0:
             hint = ("; the image has negative values (offset-corrected data?): the Poisson "
                     "fit needs counts - add the dark level back")
+        elif found.parameters.get("contrast_chosen") != "auto":
+            hint = (f"; the columns were fitted as {_CONTRAST_WORDS[found.contrast]}: check "
+                    "the contrast (atoms={'contrast': 'dark'} for ABF/BF, 'auto' to choose "
+                    "from the image)")
         raise AnalysisError(f"atoms: only {int(ok.sum())} of {len(ok)} column fits converged "
                             f"({first.status_counts()}){hint}")
     return start, first, fit_kw, sigma
 
 
+_CONTRAST_WORDS = {"bright": "bright peaks (HAADF/ADF)", "dark": "dark dips (ABF/BF)"}
+
+
+def _contrast_record(found) -> dict:
+    """``contrast``, ``contrast_chosen`` and (for ``"auto"``) ``contrast_scores`` of the search,
+    and a sentence for the summary's notes."""
+    chosen = found.parameters.get("contrast_chosen", "given")
+    rec = {"contrast": found.contrast, "contrast_chosen": chosen}
+    note = f"columns fitted as {_CONTRAST_WORDS[found.contrast]}"
+    scores = found.parameters.get("contrast_scores")
+    if chosen == "auto" and scores:
+        rec["contrast_scores"] = dict(scores)
+        weak, strong = sorted(scores.values())
+        ratio = strong / weak if weak > 0 else float("inf")
+        note += (f", chosen from the image (contrast='auto': dip/peak LoG score ratio "
+                 f"{scores['dark'] / scores['bright']:.2f})" if scores["bright"] > 0
+                 else ", chosen from the image (contrast='auto')")
+        if ratio < 1.2:
+            note += "; the choice was close: check it, or give contrast="
+    rec["contrast_note"] = note
+    return rec
+
+
+def _contrast_hint(fit) -> str:
+    """The contrast the columns were fitted with, for an error message."""
+    c = fit.parameters.get("contrast", "bright")
+    how = " (chosen by contrast='auto')" if fit.parameters.get("contrast_chosen") == "auto" \
+        else ""
+    other = "dark" if c == "bright" else "bright"
+    return (f"; the columns were fitted as {_CONTRAST_WORDS[c]}{how}: check the contrast "
+            f"(atoms={{'contrast': '{other}'}} if the columns are {_CONTRAST_WORDS[other]})")
+
+
 def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     """Find, fit, label; then add the perovskite O columns and refit all together.
 
+    ``options["contrast"]`` (``"bright"``, ``"dark"`` or ``"auto"``) is the contrast
+    :func:`~stemgpu.find_atoms` searches for and :func:`~stemgpu.fit_atoms` models; the fit's
+    ``parameters`` record it (``contrast``, ``contrast_chosen``, ``contrast_scores`` for
+    ``"auto"``, and ``contrast_note``: a sentence for the summary). Dark contrast (ABF / BF)
+    shows the O columns of a perovskite as dips of their own, so its default
+    ``n_classes`` is 3 (classes ``A``, ``B``, ``O`` by dip depth, no O columns placed);
+    bright contrast keeps 2 (A, B; the O columns placed at the A-A edge midpoints).
     Returns ``(fit, species)``.
     """
     from ..atoms.fit import fit_atoms
     from ..lattice.perovskite import CELL_TOLERANCES, place_o_columns
     from ..lattice.sublattice import assign_by_intensity
 
-    n_classes = int(options.get("n_classes", 2))
     names = options.get("names")
-    start, first, fit_kw, sigma = _find_and_fit(image, options, be, n_classes)
+    start, first, fit_kw, sigma = _find_and_fit(image, options, be,
+                                                int(options.get("n_classes", 2)))
+    n_classes = int(options.get("n_classes", 2))
+    if "n_classes" not in options and first.parameters.get("contrast") == "dark":
+        n_classes = len(names) if names else 3
     ok = to_host(first.status) == 0
     pos = to_host(first.positions)
     amp = to_host(first.param("amplitude"))
@@ -232,7 +284,7 @@ def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     try:
         labels[ok] = assign_by_intensity(amp[ok], n_classes=n_classes, names=names)
     except AnalysisError as exc:
-        raise AnalysisError(f"atoms: {exc}") from None
+        raise AnalysisError(f"atoms: {exc}{_contrast_hint(first)}") from None
     labels = labels.astype(str)
     lattice = cells_options.get("lattice", "perovskite")
     other = isinstance(lattice, str) and lattice != "perovskite"  # hexagonal / generic
@@ -254,6 +306,8 @@ def atoms_stage(image, options: Mapping[str, Any], be, *, cells_options):
     allpos = np.concatenate([start2, mids])
     all_labels = np.concatenate([labels, np.full(len(mids), "O")])
     second = fit_atoms(image, allpos, **fit_kw)
+    second.parameters.update({k: v for k, v in first.parameters.items()
+                              if k.startswith("contrast")})
     return second, all_labels
 
 
@@ -270,15 +324,21 @@ def cells_stage(fit, species, px, options, names=None):
     use = ok & np.isin(species, labels)
     pos = to_host(fit.positions)[use]
     kw = dict(options)
+    primitive = isinstance(kw.get("lattice"), str) and kw["lattice"] in ("hexagonal", "generic")
     if names is not None and len(names) >= 2:
         kw.setdefault("a_site", str(names[0]))
-        kw.setdefault("b_site", str(names[1]))
+        if not primitive:  # the primitive-cell paths have no B-site columns
+            kw.setdefault("b_site", str(names[1]))
     # Corner intensities let the checkerboard gate see an A/B split that merged two species.
     amp = to_host(fit.param("amplitude"))[use]
     try:
         cells = unit_cells(pos, species=species[use], intensities=amp, pixel_size=px, **kw)
     except ValueError as exc:
-        raise AnalysisError(f"cells: {exc}") from None
+        text = str(exc)
+        # A refusal of the lattice gates may come from the wrong contrast: say which was used.
+        hint = "" if "contrast" in text or not isinstance(exc, AnalysisError) \
+            else _contrast_hint(fit)
+        raise AnalysisError(f"cells: {text}{hint}") from None
     if cells.n_cells < 2:
         raise AnalysisError(f"cells: found {cells.n_cells} unit cell(s) among {len(pos)} fitted "
                             "columns; need at least 2 for statistics")
@@ -332,11 +392,15 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
     ``(tracks, series)``; ``series`` is None when no frame has enough unit cells (the reason
     is then in ``tracks.parameters["frame_series"]``).
     """
+    from ..atoms.models import with_contrast
     from ..atoms.track import track_columns
     from ..lattice.series import frame_series
 
     series_keys = ("min_cells", "alpha", "frames")
     track_kw = {k: v for k, v in options.items() if k not in series_keys}
+    # The frames are fitted with the contrast of the mean's fit (dips for ABF / BF).
+    track_kw["model"] = with_contrast(track_kw.get("model", "gaussian"),
+                                      fit.parameters.get("contrast", "bright")).name
     which = options.get("frames", "rigid")
     if which not in ("rigid", "demons"):
         raise ValueError(f"track frames must be one of 'rigid', 'demons'; got {which!r}")

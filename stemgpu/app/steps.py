@@ -31,7 +31,7 @@ ALL_STEPS = (*STEPS, "track")
 #: Options ``analyze(atoms={...})`` accepts (peak finding, species, O columns, fitting).
 ATOM_OPTIONS = frozenset({"sigma", "threshold", "min_distance", "n_classes", "names",
                           "edge_columns", "model", "estimator", "window", "max_iter",
-                          "counts_per_unit"})
+                          "counts_per_unit", "contrast"})
 #: Options ``analyze(drift={...})`` accepts (passed to :func:`stemgpu.drift_report`).
 DRIFT_OPTIONS = frozenset({"frame_time", "model", "degree", "smoothing"})
 #: Options ``analyze(track={...})`` accepts (passed to :func:`stemgpu.track_columns`).

@@ -15,6 +15,11 @@ columns or frames):
 Every pass takes the :class:`~stemgpu.atoms.engines.FitEngine` of the call and the
 :class:`Columns` of :func:`prepare_columns`, and works on any subset of columns given what the
 earlier passes produced.
+
+Dark contrast (ABF): ``Columns.iso`` is then the isotropic *dip* model (``mu = B - A G``,
+:func:`~stemgpu.atoms.models.with_contrast`); start amplitudes are the background minus the
+centre, neighbouring and edge columns enter each window as negative offsets, and the gain
+estimate is unchanged (it uses the model's mean, whatever its sign).
 """
 
 from __future__ import annotations
@@ -25,11 +30,26 @@ from typing import Any
 import numpy as np
 
 from .lm import LMOutput
-from .models import CONVERGED, FLAT, MAX_ITER, OUT_OF_BOUNDS, SINGULAR, get_model, window_grid
+from .models import (
+    CONVERGED,
+    FLAT,
+    MAX_ITER,
+    OUT_OF_BOUNDS,
+    SINGULAR,
+    get_model,
+    window_grid,
+    with_contrast,
+)
 from .windows import extract_windows, render_peaks, render_radius, window_origins
 
-#: Every fit starts isotropic; the neighbour model and the held-width refits use it too.
+#: Every fit starts isotropic; the neighbour model and the held-width refits use it too
+#: (its dark variant for dark contrast: :func:`iso_model`).
 ISO = get_model("gaussian")
+
+
+def iso_model(contrast="bright"):
+    """The isotropic model of ``contrast`` (``"bright"``: :data:`ISO`; ``"dark"``: its dips)."""
+    return with_contrast(ISO, contrast)
 #: Plausible fitted widths, as multiples of the expected column width ``sigma``.
 PLAUSIBLE_WIDTH = (0.67, 1.5)
 #: Neighbour refits of ``neighbours="subtract"``.
@@ -59,10 +79,12 @@ class Columns:
     k: int
     sigma: float
     xp: Any
+    iso: Any = ISO  # the isotropic model of the call's contrast
 
 
-def prepare_columns(stack, pos, k, sigma, xp) -> Columns:
-    """Windows and start values of the columns ``pos`` ((F, N, 2) host array) in ``stack``."""
+def prepare_columns(stack, pos, k, sigma, xp, iso=ISO) -> Columns:
+    """Windows and start values of the columns ``pos`` ((F, N, 2) host array) in ``stack``;
+    ``iso`` the isotropic model of the contrast (:func:`iso_model`)."""
     f_n, h, w = stack.shape
     flat_pos = xp.asarray(pos.reshape(-1, 2))
     frames = xp.repeat(xp.arange(f_n), pos.shape[1])
@@ -75,12 +97,13 @@ def prepare_columns(stack, pos, k, sigma, xp) -> Columns:
     return Columns(stack=stack, positions=flat_pos, frames=frames, status=status, idx=idx,
                    windows=windows, pos=fit_pos, fit_frames=frames[idx], origins=origins[idx],
                    org=origins[idx].astype(xp.float64),
-                   init=initial_guess(windows, fit_pos, k, sigma, xp), k=k, sigma=sigma, xp=xp)
+                   init=initial_guess(windows, fit_pos, k, sigma, xp, iso.sign), k=k,
+                   sigma=sigma, xp=xp, iso=iso)
 
 
 def plain_pass(engine, cols, gain) -> LMOutput:
     """One isotropic fit per window from the start values."""
-    return engine.fit(cols.windows, cols.origins, cols.init, model=ISO, gain=gain,
+    return engine.fit(cols.windows, cols.origins, cols.init, model=cols.iso, gain=gain,
                       frame_index=cols.fit_frames)
 
 
@@ -97,11 +120,11 @@ def neighbour_pass(engine, cols, out, guess, gain, error_scale):
     nat = xp.where(ok[:, None], out.params, guess)
     # Faint columns' widths are noise; their errors would leak into neighbours.
     nat = steady_widths(nat, out, ok, cols.sigma, error_scale, xp)
-    offset = neighbour_offsets(ISO, nat, cols, ok)
+    offset = neighbour_offsets(cols.iso, nat, cols, ok)
     guess = initial_guess(cols.windows - offset.astype(cols.windows.dtype), cols.pos, cols.k,
-                          cols.sigma, xp)
+                          cols.sigma, xp, cols.iso.sign)
     out = engine.fit(cols.windows, cols.origins, xp.where(ok[:, None], out.params, guess),
-                     model=ISO, gain=gain, offset=offset, frame_index=cols.fit_frames)
+                     model=cols.iso, gain=gain, offset=offset, frame_index=cols.fit_frames)
     return out, guess, offset
 
 
@@ -119,8 +142,8 @@ def reference_pass(engine, cols, ref_nat, gain):
     xp = cols.xp
     ok = xp.isfinite(ref_nat).all(axis=1)
     nat = xp.where(ok[:, None], ref_nat, cols.init)
-    offset = neighbour_offsets(ISO, xp.where(ok[:, None], ref_nat, xp.nan), cols, ok)
-    out = engine.fit(cols.windows, cols.origins, nat, model=ISO, gain=gain, offset=offset,
+    offset = neighbour_offsets(cols.iso, xp.where(ok[:, None], ref_nat, xp.nan), cols, ok)
+    out = engine.fit(cols.windows, cols.origins, nat, model=cols.iso, gain=gain, offset=offset,
                      frame_index=cols.fit_frames)
     return out, offset
 
@@ -150,11 +173,11 @@ def refit_fixed_width(engine, cols, out, gain, offset):
     sub = cols.windows[sel][:, c0:c0 + ks, c0:c0 + ks]
     off = None if offset is None else offset[sel][:, c0:c0 + ks, c0:c0 + ks]
     w = sub if off is None else sub - off.astype(sub.dtype)
-    start = initial_guess(w, cols.pos[sel], ks, s_ref, xp)
+    start = initial_guess(w, cols.pos[sel], ks, s_ref, xp, cols.iso.sign)
     start[:, wi] = s_ref
     fixed = xp.zeros(start.shape, dtype=bool)
     fixed[:, wi] = True
-    re = engine.fit(sub, cols.org[sel] + c0, start, model=ISO, gain=gain, offset=off,
+    re = engine.fit(sub, cols.org[sel] + c0, start, model=cols.iso, gain=gain, offset=off,
                     fixed=fixed, frame_index=cols.fit_frames[sel])
     take = re.status == CONVERGED
     rows = sel[take]
@@ -280,15 +303,19 @@ def width_plausible(s, sigma):
     return (s > PLAUSIBLE_WIDTH[0] * sigma) & (s < PLAUSIBLE_WIDTH[1] * sigma)
 
 
-def initial_guess(wins, pos, k, sigma, xp):
-    """Background from the window border median, amplitude from the centre pixel."""
+def initial_guess(wins, pos, k, sigma, xp, sign=1):
+    """Background from the window border median, amplitude from the centre 3 x 3 mean: the
+    peak above the background (``sign`` +1), or for dips (``sign`` -1) the background minus
+    the centre, kept below 95 % of the background so the start has ``mu > 0``."""
     border = xp.concatenate([wins[:, 0, :], wins[:, -1, :], wins[:, 1:-1, 0],
                              wins[:, 1:-1, -1]], axis=1)
     bg = xp.median(border, axis=1).astype(xp.float64)
     c = k // 2
     peak = wins[:, c - 1:c + 2, c - 1:c + 2].mean(axis=(1, 2)).astype(xp.float64)
     span = (wins.max(axis=(1, 2)) - wins.min(axis=(1, 2))).astype(xp.float64)
-    amp = xp.maximum(peak - bg, 0.25 * span)
+    amp = xp.maximum(sign * (peak - bg), 0.25 * span)
+    if sign < 0:
+        amp = xp.where(bg > 0, xp.minimum(amp, 0.95 * bg), amp)
     return iso_params(amp, pos[:, 0], pos[:, 1], xp.full(pos.shape[0], sigma), bg, xp)
 
 
@@ -307,7 +334,8 @@ def edge_peaks(cols, nat, ok, fitted):
     model it pulls those columns outwards (measured on a noise-free SrTiO3 image: O columns
     one cell from the edge 0.88 px off without these peaks). Amplitude from the 3 x 3 mean
     at the given position minus the fitted peaks there (``fitted``, (F, H, W)) and the median
-    fitted background; width the median fitted width. Returns (params, frames).
+    fitted background (the background minus that mean for dips: ``cols.iso.sign`` -1); width
+    the median fitted width. Returns (params, frames).
     """
     xp, stack, pos, frames = cols.xp, cols.stack, cols.positions, cols.frames
     f_n, h, w = stack.shape
@@ -326,7 +354,7 @@ def edge_peaks(cols, nat, ok, fitted):
     fr = frames[rows][:, None, None]
     peak = (stack[fr, rr, cc].astype(xp.float64) - fitted[fr, rr, cc]).mean(axis=(1, 2))
     bg = float(xp.median(nat[ok, ISO.background]))
-    amp = xp.maximum(peak - bg, 0.0)
+    amp = xp.maximum(cols.iso.sign * (peak - bg), 0.0)
     sig = xp.full(amp.shape, float(xp.median(nat[ok, ISO.widths[0]])))
     guess = iso_params(amp, p[:, 0], p[:, 1], sig, xp.zeros_like(amp), xp)
     keep = amp > 0

@@ -147,8 +147,9 @@ class ArrayEngine(FitEngine):
 class KernelEngine(FitEngine):
     """The fused CUDA kernel (CuPy only), reading each window in place from ``stack``.
 
-    The kernel has no held-parameter mask: fits with ``fixed`` (the held-width refits of
-    ``fit_atoms``) run the array code of :class:`ArrayEngine` on the same device.
+    The kernel has no held-parameter mask and no dip (dark-contrast) models: fits with
+    ``fixed`` (the held-width refits of ``fit_atoms``) and fits of a model with ``sign`` -1
+    run the array code of :class:`ArrayEngine` on the same device.
     """
 
     name: ClassVar[str] = "kernel"
@@ -156,7 +157,7 @@ class KernelEngine(FitEngine):
 
     def fit(self, windows, origins, init, *, model, gain=1.0, offset=None, fixed=None,
             frame_index=None):
-        if fixed is not None:
+        if fixed is not None or model.sign < 0:
             return ArrayEngine(self.stack, self.xp, self.estimator, self.max_iter,
                                self.tol).fit(windows, origins, init, model=model, gain=gain,
                                              offset=offset, fixed=fixed)
@@ -171,6 +172,8 @@ def _compiled_solver(windows, origins, init, **kwargs):
     from ._compiled import CompiledUnsupported
     from ._compiled import lm_fit as compiled_lm_fit
 
+    if getattr(kwargs.get("model"), "sign", 1) < 0:  # dips: no compiled formulas
+        return lm_fit(windows, origins, init, **kwargs)
     try:
         return compiled_lm_fit(windows, origins, init, **kwargs)
     except CompiledUnsupported:  # a model without compiled formulas: the reference code
@@ -181,7 +184,7 @@ def _compiled_solver(windows, origins, init, **kwargs):
 class CompiledEngine(ArrayEngine):
     """The LM of :mod:`stemgpu.atoms.lm` compiled for the CPU (numba, NumPy backend only):
     one fit per loop iteration over all cores, normal equations in registers; models it has
-    no formulas for run the array code."""
+    no formulas for (and dark-contrast models) run the array code."""
 
     name: ClassVar[str] = "compiled"
     backends: ClassVar[tuple[str, ...]] = ("numpy",)

@@ -20,7 +20,7 @@ from ..backend import HostCopyMixin, to_host
 from . import _passes as passes
 from .engines import make_engine
 from .lm import LMOutput
-from .models import CONVERGED, STATUS_NAMES, check_estimator, get_model
+from .models import CONTRASTS, CONVERGED, STATUS_NAMES, check_estimator, get_model, with_contrast
 from .windows import default_window
 
 __all__ = ["AtomFit", "fit_atoms"]
@@ -131,7 +131,7 @@ def _check_window(window, sigma, h, w):
 
 def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma=None,
               neighbours="subtract", estimator="mle", counts_per_unit=None, max_iter=50,
-              tol=1e-7, engine="auto", reference=None, progress=False,
+              tol=1e-7, engine="auto", contrast=None, reference=None, progress=False,
               backend=None) -> AtomFit:
     """Fit a peak model to every atom column (and every frame) at once.
 
@@ -141,10 +141,13 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     positions : (N, 2) or (F, N, 2) array, or FoundAtoms
         Initial (row, col) per column (shared by all frames, or per frame). A
         :class:`~stemgpu.atoms.find.FoundAtoms` also gives the column width ``sigma``
-        measured by :func:`~stemgpu.find_atoms` (it is not estimated again).
+        measured by :func:`~stemgpu.find_atoms` (it is not estimated again) and the contrast
+        it searched for.
     model : {"gaussian", "elliptical"}
         See :mod:`stemgpu.atoms.models`. The elliptical model is started from an isotropic
         fit (its angle is undefined for round columns; its error is then reported as inf).
+        The dark variants ``"gaussian_dark"`` / ``"elliptical_dark"`` are the same as
+        ``contrast="dark"``.
     window : int, optional
         Odd window size in px; default ``2 ceil(2.5 sigma) + 1``.
     sigma : float, optional
@@ -174,6 +177,17 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         Relative objective decrease that ends a fit.
     progress : bool
         A tqdm bar over the fitting passes (plain, neighbour passes, elliptical).
+    contrast : {"bright", "dark", "auto"}, optional
+        ``"bright"`` (HAADF / ADF): columns are peaks above the background,
+        ``mu = B + A G``. ``"dark"`` (ABF / BF): columns are dips, ``mu = B - A G`` with the
+        dip depth ``A >= 0`` reported as ``amplitude`` (the data are fitted as they are, not
+        inverted: the Poisson model holds for the recorded counts). ``"auto"``: chosen from
+        the (mean) image by :func:`~stemgpu.atoms.find.detect_contrast`. Default: the
+        contrast of a :class:`~stemgpu.atoms.find.FoundAtoms` given as ``positions`` or of a
+        ``"*_dark"`` model, else ``"bright"``. Recorded in ``parameters["contrast"]`` (and
+        ``parameters["contrast_chosen"]``: ``"given"``, ``"auto"`` or ``"find_atoms"``).
+        Dark fits run on the array code on every engine (the compiled and CUDA engines have
+        no dip formulas; ``parameters["engine"]`` names the engine asked for).
     engine : {"auto", "array", "compiled", "kernel"}
         The :mod:`~stemgpu.atoms.engines` every pass fits through. ``"kernel"`` uses the
         CUDA kernel (CuPy backend only; its held-width refits run the array code, the kernel
@@ -190,7 +204,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     ------
     ValueError
         Empty or malformed positions, an unknown option, a window that is even, smaller than
-        5 px or larger than the image, a non-positive ``sigma`` or ``counts_per_unit``.
+        5 px or larger than the image, a non-positive ``sigma`` or ``counts_per_unit``, a
+        ``contrast`` that contradicts a ``"*_dark"`` model.
 
     Notes
     -----
@@ -209,6 +224,14 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     >>> fit = fit_atoms(image, truth.image_positions(0)[keep], counts_per_unit=1)
     >>> bool(fit.converged.all()), fit.positions.shape
     (True, (2, 2))
+
+    Dark (ABF-like) columns, the contrast chosen from the image:
+
+    >>> abf, t = simulate_image((64, 64), lattice="square", contrast="dark", background=4.0,
+    ...                         seed=1)
+    >>> dark = fit_atoms(abf, t.image_positions(0)[t.visible(0, margin=8)], contrast="auto")
+    >>> dark.parameters["contrast"], bool(dark.converged.all())
+    ('dark', True)
     """
     cal = as_image(image_or_stack, name="image_or_stack", backend=backend, allow_stack=True)
     be, xp = cal.backend, cal.backend.xp
@@ -216,6 +239,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     stack = cal.data if is_stack else cal.data[None]
     f_n, h, w = stack.shape
     mdl = get_model(model)
+    contrast, chosen = _resolve_contrast(contrast, mdl, positions, stack, be)
+    mdl = with_contrast(mdl, contrast)
     check_estimator(estimator)
     check_choice(neighbours, "neighbours", _NEIGHBOURS)
     check_int(max_iter, "max_iter", minimum=1)
@@ -228,17 +253,18 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     if sigma is None:
         from .find import estimate_sigma
 
-        sigma = estimate_sigma(stack.mean(axis=0), backend=be)
+        sigma = estimate_sigma(stack.mean(axis=0), contrast=contrast, backend=be)
     _check_positive(sigma, "sigma", "a positive number of pixels")
     k = _check_window(window, sigma, h, w)
     ref_nat = _reference_params(reference, pos, mdl, xp)
     fitter = make_engine(engine, be, stack, estimator=estimator, max_iter=max_iter, tol=tol)
 
-    cols = passes.prepare_columns(stack, pos, k, float(sigma), xp)
+    iso = passes.iso_model(contrast)
+    cols = passes.prepare_columns(stack, pos, k, float(sigma), xp, iso)
     gain = 1.0 if counts_per_unit is None else float(counts_per_unit)
     n_passes = 1 if ref_nat is not None else 1 + (
         passes.SUBTRACT_PASSES if neighbours == "subtract" else 0) + (
-        1 if mdl.name != passes.ISO.name else 0)
+        1 if mdl.name != iso.name else 0)
     bar = progress_bar(progress, total=n_passes, desc=f"fit {int(cols.idx.size)} columns",
                        unit="pass", leave=False)
     if int(cols.idx.size) == 0:  # nothing fittable: every entry is flagged below
@@ -252,7 +278,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     bar.close()
     lead = (f_n, pos.shape[1]) if (is_stack or per_frame) else (pos.shape[1],)
     return _assemble(cols, out, fixed_rows, mdl, lead, gain, parameters={
-        "model": mdl.name, "window": int(k), "sigma_init": float(sigma),
+        "model": with_contrast(mdl, "bright").name, "contrast": contrast,
+        "contrast_chosen": chosen, "window": int(k), "sigma_init": float(sigma),
         "neighbours": neighbours, "estimator": estimator,
         "counts_per_unit": None if counts_per_unit is None else float(counts_per_unit),
         "counts_per_unit_estimated": counts_per_unit is None, "max_iter": int(max_iter),
@@ -268,7 +295,8 @@ def _reference_params(reference, pos, mdl, xp):
     if not isinstance(reference, AtomFit):
         raise TypeError(f"reference must be an AtomFit (a fit of the same columns); got "
                         f"{type(reference).__name__}")
-    if mdl.name != passes.ISO.name or tuple(reference.param_names) != passes.ISO.param_names:
+    if mdl.n_params != passes.ISO.n_params or \
+            tuple(reference.param_names) != passes.ISO.param_names:
         raise ValueError("reference: only isotropic ('gaussian') fits and references are "
                          "supported")
     ref = xp.asarray(reference.params, dtype=xp.float64)
@@ -296,7 +324,7 @@ def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar, ref_na
     if neighbours == "subtract":
         out_gain = gain  # the gain out's errors were computed with
         if estimate_gain:
-            gain = passes.gain_from(passes.ISO, out, cols, None) or gain
+            gain = passes.gain_from(cols.iso, out, cols, None) or gain
         # Two refits: faint columns (O next to Sr) often fail the plain pass and only find
         # themselves once their bright neighbours are accounted for; the second refit then
         # includes them in their neighbours' models.
@@ -307,12 +335,32 @@ def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar, ref_na
             out_gain = gain
             bar.update(1)
         out, fixed_rows = passes.refit_fixed_width(engine, cols, out, gain, offset)
-    if mdl.name != passes.ISO.name:
+    if mdl.name != cols.iso.name:
         out = passes.elliptical_pass(engine, cols, mdl, out, gain, offset, fixed_rows)
         bar.update(1)
     if estimate_gain:
         out, gain = passes.rescale_to_estimated_gain(mdl, out, cols, offset, gain)
     return out, fixed_rows, gain
+
+
+def _resolve_contrast(contrast, mdl, positions, stack, be):
+    """The contrast of the fit and how it was chosen (see ``fit_atoms(contrast=...)``)."""
+    if contrast is not None:
+        check_choice(contrast, "contrast", (*CONTRASTS, "auto"))
+        if mdl.sign < 0 and contrast == "bright":
+            raise ValueError(f"contrast='bright' contradicts model={mdl.name!r} (a dark "
+                             "model); use model='gaussian'/'elliptical' with contrast=")
+        if contrast == "auto":
+            from .find import detect_contrast
+
+            return detect_contrast(stack.mean(axis=0), backend=be), "auto"
+        return contrast, "given"
+    if mdl.sign < 0:
+        return "dark", "given"
+    found = getattr(positions, "contrast", None)
+    if found in CONTRASTS:
+        return found, "find_atoms"
+    return "bright", "given"
 
 
 def _assemble(cols, out, fixed_rows, mdl, lead, gain, parameters) -> AtomFit:

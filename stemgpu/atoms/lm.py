@@ -7,7 +7,9 @@ Inputs (per fit ``m``)
 ``d`` : the k x k window in data units times ``gain`` (counts); ``o`` : optional k x k
 known offset (neighbouring columns, counts = offset * gain) added to the model; pixel
 coordinates ``y = 0..k-1`` (rows), ``x = 0..k-1`` (cols), flattened row-major (n = k*k);
-``t`` : internal parameters from :meth:`Model.to_internal` (see :mod:`.models`).
+``t`` : internal parameters from :meth:`Model.to_internal` (see :mod:`.models`); the model
+is a peak (``Model.sign`` +1) or, for dark contrast, a dip ``B - A G`` (``sign`` -1), whose
+trial steps that reach ``mu <= 0`` are invalid by the rule of step 3.
 All arithmetic is float64 (sums over up to ~1000 pixels of counts; positions to 1e-4 px).
 
 Objective ``F(t)`` with ``mu = model(t) + o``

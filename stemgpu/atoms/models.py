@@ -36,6 +36,15 @@ Models
 
 so ``sigma_1`` is the width along the direction at ``angle`` from the +row axis towards +col.
 
+Dark contrast (ABF / BF)
+------------------------
+Columns imaged as dips on a bright background use the same models with the peak subtracted:
+``mu = B - A G`` (``A >= 0`` the dip depth, in the same ``log(amplitude * gain)`` internal
+form). :func:`with_contrast` gives that variant of a registered model (``Model.sign`` -1, name
+``"<name>_dark"``, also accepted by :func:`get_model`); its Jacobian is the bright one with
+every column but the background's negated. The Poisson deviance needs ``mu > 0``: a trial
+step whose dip reaches below zero is invalid (rejected) like any other invalid step.
+
 Jacobians are analytic, with respect to the *internal* vector (see :func:`gaussian_jacobian`
 and :func:`elliptical_jacobian` for the formulas).
 
@@ -45,7 +54,7 @@ agree; :data:`STATUS_NAMES` maps them to words.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,9 +73,12 @@ __all__ = [
     "SINGULAR",
     "STATUS_NAMES",
     "Model",
+    "CONTRASTS",
+    "DARK_MODELS",
     "check_estimator",
     "get_model",
     "window_grid",
+    "with_contrast",
 ]
 
 #: Objectives every fitting engine implements (see :mod:`stemgpu.atoms.lm`): Poisson
@@ -264,7 +276,11 @@ class Model:
         Indices of the amplitude and the background.
     cuda_struct : str
         C++ struct of the model in ``kernels/model_<name>.cuh``: the CUDA kernel's template
-        argument and an entry of the host build's model list.
+        argument and an entry of the host build's model list (empty for dark variants, which
+        have no kernel).
+    sign : int
+        +1: a peak above the background (``mu = B + A G``, bright contrast); -1: a dip below
+        it (``mu = B - A G``, dark contrast, see :func:`with_contrast`).
     """
 
     name: str
@@ -282,33 +298,56 @@ class Model:
     _value_and_jacobian: Any
     _grid_value: Any = None
     _grid_value_and_jacobian: Any = None
+    sign: int = 1
 
     @property
     def n_params(self) -> int:
         return len(self.param_names)
 
+    @property
+    def contrast(self) -> str:
+        """``"bright"`` (peaks, ``sign`` +1) or ``"dark"`` (dips, ``sign`` -1)."""
+        return "bright" if self.sign > 0 else "dark"
+
+    def _signed(self, internal, mu):
+        """``B - (mu - B)`` for a dark model (mu computed as the bright peak plus B)."""
+        if self.sign > 0:
+            return mu
+        b = internal[:, self.background:self.background + 1]
+        return 2.0 * b - mu
+
+    def _signed_jacobian(self, jac, xp):
+        """The peak's columns negated for a dark model (the background's stays +1)."""
+        if self.sign > 0:
+            return jac
+        s = -xp.ones(self.n_params)
+        s[self.background] = 1.0
+        return jac * s
+
     def value(self, internal, yy, xx, xp):
         """Model (m, n) at pixel coordinates ``yy, xx`` (n,) relative to the window origin."""
-        return self._value(internal, yy, xx, xp)
+        return self._signed(internal, self._value(internal, yy, xx, xp))
 
     def value_and_jacobian(self, internal, yy, xx, xp):
         """Model (m, n) and its Jacobian (m, n, P) with respect to the internal parameters."""
-        return self._value_and_jacobian(internal, yy, xx, xp)
+        mu, jac = self._value_and_jacobian(internal, yy, xx, xp)
+        return self._signed(internal, mu), self._signed_jacobian(jac, xp)
 
     def value_on_grid(self, internal, k, xp):
         """Model (m, k*k) on the row-major k x k window grid (a faster path where the model
         is separable; the values equal :meth:`value` on that grid)."""
         if self._grid_value is not None:
-            return self._grid_value(internal, k, xp)
+            return self._signed(internal, self._grid_value(internal, k, xp))
         yy, xx = window_grid(k, xp)
-        return self._value(internal, yy, xx, xp)
+        return self.value(internal, yy, xx, xp)
 
     def value_and_jacobian_on_grid(self, internal, k, xp):
         """Model (m, k*k) and Jacobian (m, k*k, P) on the row-major k x k window grid."""
         if self._grid_value_and_jacobian is not None:
-            return self._grid_value_and_jacobian(internal, k, xp)
+            mu, jac = self._grid_value_and_jacobian(internal, k, xp)
+            return self._signed(internal, mu), self._signed_jacobian(jac, xp)
         yy, xx = window_grid(k, xp)
-        return self._value_and_jacobian(internal, yy, xx, xp)
+        return self.value_and_jacobian(internal, yy, xx, xp)
 
     def to_internal(self, natural, origins, gain, xp):
         """Natural (m, P) -> internal (m, P), float64; origins (m, 2) of the windows."""
@@ -380,6 +419,42 @@ MODELS: dict[str, Model] = {
 }
 
 
+#: Image contrasts: columns brighter than the background (HAADF / ADF) or darker (ABF / BF).
+CONTRASTS = ("bright", "dark")
+
+#: The dark-contrast variants of the registered models (``mu = B - A G``), by name
+#: ``"<name>_dark"``. Not in :data:`MODELS`: that list is the CUDA kernel's, and the kernel
+#: and the compiled engine fit these through the array code.
+DARK_MODELS: dict[str, Model] = {
+    f"{name}_dark": replace(m, name=f"{name}_dark", cuda_struct="", sign=-1)
+    for name, m in MODELS.items()
+}
+
+
+def with_contrast(model: str | Model, contrast: str) -> Model:
+    """The variant of ``model`` for ``contrast`` (``"dark"``: dips, ``"bright"``: peaks).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.models import with_contrast
+    >>> m = with_contrast("gaussian", "dark")
+    >>> m.name, m.sign, m.contrast
+    ('gaussian_dark', -1, 'dark')
+    >>> with_contrast(m, "bright").name
+    'gaussian'
+    """
+    mdl = get_model(model)
+    check_choice(contrast, "contrast", CONTRASTS)
+    if mdl.contrast == contrast:
+        return mdl
+    base = mdl.name[: -len("_dark")] if mdl.sign < 0 else mdl.name
+    if contrast == "bright":
+        return MODELS[base] if base in MODELS else replace(mdl, name=base, sign=1)
+    key = f"{base}_dark"
+    return DARK_MODELS[key] if key in DARK_MODELS else replace(mdl, name=key, cuda_struct="",
+                                                               sign=-1)
+
+
 def get_model(model: str | Model) -> Model:
     """Look up a model by name, with an error listing the registered names.
 
@@ -388,13 +463,18 @@ def get_model(model: str | Model) -> Model:
     >>> from stemgpu.atoms.models import get_model
     >>> get_model("gaussian").param_names
     ('amplitude', 'row', 'col', 'sigma', 'background')
+    >>> get_model("gaussian_dark").sign
+    -1
     """
     if isinstance(model, Model):
         return model
+    if isinstance(model, str) and model in DARK_MODELS:
+        return DARK_MODELS[model]
     if not isinstance(model, str) or model not in MODELS:
         raise ValueError(
             f"model={model!r} is not a registered model; accepted: "
             + ", ".join(repr(m) for m in MODELS)
+            + " (and their dark-contrast variants '<name>_dark')"
         )
     return MODELS[model]
 
@@ -404,9 +484,9 @@ def _self_check() -> float:  # pragma: no cover - developer aid
     rng = np.random.default_rng(0)
     yy, xx = window_grid(9, np)
     worst = 0.0
-    for m in MODELS.values():
+    for m in (*MODELS.values(), *DARK_MODELS.values()):
         t = np.array([[np.log(50.0), 4.2, 3.9, np.log(1.8), 0.4, 0.3, 5.0][: m.n_params]])
-        if m.name == "gaussian":
+        if m.name.startswith("gaussian"):
             t = np.array([[np.log(50.0), 4.2, 3.9, np.log(1.8), 5.0]])
         t = t + rng.normal(scale=0.05, size=t.shape)
         _, jac = m.value_and_jacobian(t, yy, xx, np)

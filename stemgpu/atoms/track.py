@@ -512,7 +512,10 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     start, reference = positions, None
     if isinstance(positions, AtomFit):
         ok = to_host(positions.status) == CONVERGED
-        if positions.params.ndim == 2 and model == "gaussian" \
+        from .models import get_model
+
+        isotropic = len(get_model(model).widths) == 1  # peaks or dips
+        if positions.params.ndim == 2 and isotropic \
                 and positions.parameters.get("model", "gaussian") == "gaussian":
             reference = _columns(positions.to_numpy(), ok)
         if species is not None:
