@@ -151,6 +151,10 @@ def resolve_pixel_size(pixel_size: float | None, from_data: float | None,
     a positive finite number.
     """
     if pixel_size is not None:
+        # float() would take "14.6" (and NumPy a 1-element array): only numbers are pixel sizes
+        if (isinstance(pixel_size, bool | str | bytes | list | tuple)
+                or getattr(pixel_size, "ndim", 0) != 0):
+            raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
         try:
             value = float(pixel_size)
         except (TypeError, ValueError):

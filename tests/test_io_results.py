@@ -618,3 +618,18 @@ def test_unsupported_array_subclass_is_refused_by_name(tmp_path):
                                         r"is not supported.*numpy\.asarray"):
         save({"t": np.zeros(3).view(Tagged)}, tmp_path / "t.h5")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"overwrite": "no"}, "overwrite must be True or False; got 'no'"),
+    ({"overwrite": 1}, "overwrite must be True or False; got 1"),
+    ({"progress": "yes"}, "progress must be True or False; got 'yes'"),
+    ({"compression": ["gzip"]}, r"compression must be None, 'gzip' or 'lzf'; got \['gzip'\]"),
+])
+def test_option_values_are_checked_before_anything_is_replaced(tmp_path, kw, match):
+    path = save({"a": 1}, tmp_path / "keep.h5")
+    with pytest.raises(ValueError, match=match):
+        save({"a": 2}, path, **kw)  # overwrite="no" used to read as true and replace it
+    assert load(path) == {"a": 1}
+    with pytest.raises(ValueError, match="lazy must be True or False; got 'no'"):
+        load(path, lazy="no")

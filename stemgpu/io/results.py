@@ -17,8 +17,9 @@ the file handling: provenance, the atomic write and the public :func:`save` / :f
 Writing goes to a hidden temporary file in the target directory which is fsync'ed and then
 renamed over the target (``os.replace``), or, with ``overwrite=False``, hard-linked to the
 target name, which fails if the name exists (no check-then-rename race): a failed or killed
-write never leaves a partial results file, and two saves never both succeed onto one name. A temporary file left by a killed process is removed by the next ``save`` into
-the same directory.
+write never leaves a partial results file, and two saves never both succeed onto one name.
+A temporary file left by a killed process is removed by the next ``save`` into the same
+directory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_bool
 from .._inputs import is_sidpy_dataset
 from ._codec import class_path, dumps, from_json, import_class
 from ._tree import Writer, read_group, read_member
@@ -227,7 +229,7 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, source: 
     TypeError
         Something in ``obj`` cannot be stored (the message names where).
     ValueError
-        Unknown ``compression``.
+        Unknown ``compression``; ``overwrite`` or ``progress`` not a bool.
 
     Examples
     --------
@@ -240,8 +242,12 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, source: 
     >>> back["shifts"].shape, back["note"]
     ((5, 2), 'demo')
     """
-    if compression not in (None, "gzip", "lzf"):
+    if compression is not None and not (isinstance(compression, str)
+                                        and compression in ("gzip", "lzf")):
         raise ValueError(f"compression must be None, 'gzip' or 'lzf'; got {compression!r}")
+    # overwrite="no" would read as true and replace the file: only a bool is an answer here
+    overwrite = check_bool(overwrite, "overwrite")
+    progress = check_bool(progress, "progress")
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
@@ -394,6 +400,7 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Any:
     >>> stemgpu.load(path)[0].dtype
     dtype('int16')
     """
+    lazy = check_bool(lazy, "lazy")
     with _open_results(path) as fh:
         root = fh["stemgpu"]
         wrapper = root.attrs.get("stemgpu_wrapper_class")
