@@ -43,6 +43,10 @@ _UNIT_TO_PM = {
 }
 
 
+#: Largest pixel size accepted, pm (1 mm: far beyond any electron microscope).
+_MAX_PIXEL_PM = 1e9
+
+
 @dataclass(frozen=True)
 class Calibrated:
     """An input converted for computation.
@@ -161,6 +165,9 @@ def resolve_pixel_size(pixel_size: float | None, from_data: float | None,
             raise ValueError(f"pixel_size must be a number in pm; got {pixel_size!r}") from None
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
+        if value > _MAX_PIXEL_PM:  # lengths in pm (and their squares) must not overflow
+            raise ValueError(f"pixel_size must be a positive number in pm, at most "
+                             f"{_MAX_PIXEL_PM:g} (1 mm); got {pixel_size!r}")
         return value
     if from_data is None and required:
         raise ValueError(

@@ -24,6 +24,9 @@ __all__ = ["XY", "DriftReport", "drift_report"]
 _MODELS = ("linear", "poly", "spline")
 #: Fewest residual degrees of freedom (frames minus the fit's) a jitter estimate needs.
 _MIN_RESIDUAL_DOF = 1.0
+#: Largest shift accepted, px: with a pixel size of at most 1e9 pm (_inputs) the sums of
+#: squared offsets stay far from overflow.
+_MAX_SHIFT_PX = 1e12
 
 
 class XY(NamedTuple):
@@ -328,10 +331,12 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     n = len(s)
     exclude = _check_exclude(exclude, default_exclude, n)
     used = ~exclude
-    need = {"linear": 3, "poly": int(degree) + 2, "spline": 5}[model]
+    # degree only counts for model="poly" (int(degree) of another model's None would fail)
+    need = {"linear": 3, "spline": 5}[model] if model != "poly" else int(degree) + 2
     if used.sum() < need:
         raise ValueError(
-            f"model={model!r} needs at least {need} frames (not excluded); got {int(used.sum())}")
+            f"shifts: model={model!r} needs at least {need} frames (not excluded); got "
+            f"{int(used.sum())}")
     if smoothing is not None and model == "spline":
         smoothing = check_real(smoothing, "smoothing", minimum=0)
 
@@ -408,6 +413,10 @@ def _shift_input(shifts):
     if not np.all(np.isfinite(s)):
         bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
         raise ValueError(f"shifts must be finite; frames {bad.tolist()[:20]} are not")
+    if s.size and np.abs(s).max() > _MAX_SHIFT_PX:  # squares of larger ones overflow
+        bad = np.flatnonzero((np.abs(s) > _MAX_SHIFT_PX).any(axis=1))
+        raise ValueError(f"shifts must be at most {_MAX_SHIFT_PX:g} px in magnitude (larger "
+                         f"than any image); frames {bad.tolist()[:20]} are not")
     return s, px_from_data, default_exclude
 
 
