@@ -163,7 +163,7 @@ def data_arrays(draw, ndim: int):
     dtype = draw(st.sampled_from(["float32", "float32", "float64", "uint16", "int8", "bool",
                                   "float16", "complex64", "U1", "object"]))
     with np.errstate(all="ignore"):
-        arr = arr.astype(dtype)
+        arr = np.asarray(arr.astype(dtype))  # a 0-d object array's astype gives a float
     if arr.size and dtype.startswith("float") and draw(st.booleans()):
         arr = arr.copy()
         arr.flat[draw(st.integers(0, arr.size - 1))] = draw(
@@ -711,6 +711,14 @@ OPEN = [
     ("register_demons", "sigma_image", _large(1e3),
      "sigma_image=10**6 runs for minutes, 1e300 'Maximum allowed size exceeded'",
      (*_DEMONS, {"backend": "numpy", "iterations": 3, "sigma_image": 1e300})),
+    ("register_rigid", "keep_registered", lambda v: isinstance(v, np.ndarray) and v.size > 1,
+     "keep_registered=np.array([1., nan]): NumPy's 'truth value of an array' (no bool check; "
+     "progress= of rigid, fit_atoms and track_columns too)",
+     (*_RIGID, {"backend": "numpy", "keep_registered": np.array([1.0, np.nan])})),
+    ("register_demons", "max_step", _tiny_or_large(1e-6, 1e6),
+     "max_step=1e-300: OverflowError 'Numerical result out of range'; 9e307: 'cannot "
+     "convert float infinity to integer' (no bound)",
+     (*_DEMONS, {"backend": "numpy", "iterations": 3, "max_step": 1e-300})),
     ("register_demons", "order", lambda v: isinstance(v, float),
      "order=0.0: \"'float' object cannot be interpreted as an integer\"",
      (*_DEMONS, {"backend": "numpy", "iterations": 3, "order": 0.0})),

@@ -633,3 +633,10 @@ def test_option_values_are_checked_before_anything_is_replaced(tmp_path, kw, mat
     assert load(path) == {"a": 1}
     with pytest.raises(ValueError, match="lazy must be True or False; got 'no'"):
         load(path, lazy="no")
+
+
+def test_strings_with_nul_characters_round_trip(tmp_path):
+    """HDF5 strings end at a NUL (h5py refuses them): found by tests/test_hypothesis.py."""
+    value = {"a\x00b": "\x00", "k": ["x\x00"], "long": "y\x00" * 5000}
+    assert load(save(value, tmp_path / "nul.h5")) == value
+    assert load(save("\x00z", tmp_path / "bare.h5")) == "\x00z"

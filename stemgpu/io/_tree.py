@@ -71,7 +71,8 @@ def _needs_group(obj: Any) -> bool:
 
 
 def _h5_name(key: Any, index: int, used: set) -> str:
-    if (isinstance(key, str) and key and "/" not in key and key not in (".", "..")
+    if (isinstance(key, str) and key and "/" not in key and "\x00" not in key
+            and key not in (".", "..")
             and not key.startswith("stemgpu_") and key not in used):
         return key
     name = f"item_{index}"
@@ -274,7 +275,8 @@ class Writer:
         if isinstance(value, complex):
             group.attrs[name] = np.complex128(value)
             return {"tag": "scalar", "type": "complex"}
-        if isinstance(value, str) and len(value) <= _LONG_STRING:
+        if isinstance(value, str) and len(value) <= _LONG_STRING and "\x00" not in value:
+            # (HDF5 strings end at a NUL: such strings go to the tagged JSON, which escapes it)
             group.attrs[name] = value
             return {"tag": "scalar", "type": "str"}
         if isinstance(value, np.generic) and value.dtype.kind in "biufc":

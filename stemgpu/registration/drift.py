@@ -247,7 +247,7 @@ def _gcv_lambda(t, y):
     for lam in np.logspace(-4, 8, 49) * (np.ptp(t) / n) ** 3:
         fit = make_smoothing_spline(t, y, lam=lam)(t)
         tr = _hat_trace(t, lam)
-        if tr >= n - 1e-6:
+        if tr > n - _MIN_RESIDUAL_DOF:  # (nearly) interpolating: no residual to call jitter
             continue
         score = n * np.sum((y - fit) ** 2) / (n - tr) ** 2
         if score < best_score:
