@@ -43,8 +43,8 @@ _UNIT_TO_PM = {
 }
 
 
-#: Largest pixel size accepted, pm (1 mm: far beyond any electron microscope).
-_MAX_PIXEL_PM = 1e9
+#: Pixel sizes accepted, pm: 1e-6 pm to 1 mm, far beyond any electron microscope either way.
+_MIN_PIXEL_PM, _MAX_PIXEL_PM = 1e-6, 1e9
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,10 @@ def resolve_pixel_size(pixel_size: float | None, from_data: float | None,
             raise ValueError(f"pixel_size must be a number in pm; got {pixel_size!r}") from None
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
-        if value > _MAX_PIXEL_PM:  # lengths in pm (and their squares) must not overflow
-            raise ValueError(f"pixel_size must be a positive number in pm, at most "
-                             f"{_MAX_PIXEL_PM:g} (1 mm); got {pixel_size!r}")
+        if not _MIN_PIXEL_PM <= value <= _MAX_PIXEL_PM:  # squares of lengths in pm must
+            # neither overflow nor underflow to a jitter of exactly 0
+            raise ValueError(f"pixel_size must be a positive number in pm, from "
+                             f"{_MIN_PIXEL_PM:g} to {_MAX_PIXEL_PM:g} (1 mm); got {pixel_size!r}")
         return value
     if from_data is None and required:
         raise ValueError(

@@ -216,3 +216,15 @@ def test_string_shifts_get_our_message():
         drift_report([["a", "b"]] * 4, pixel_size=1.0)
     rep = drift_report(np.zeros((4, 2)), pixel_size=1.0, exclude=[1, 0, 0, 0])  # 0/1 is a mask
     assert rep.used.tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("pixel_size", [1e-220, 1e153])
+def test_pixel_sizes_that_underflow_or_overflow_are_refused(pixel_size):
+    """Found by tests/test_hypothesis.py: 1e-220 pm gave a jitter of exactly 0 (squares
+    underflow), 1e153 pm infinite figures (squares overflow)."""
+    shifts = np.cumsum(np.random.default_rng(2).normal(size=(8, 2)), axis=0)
+    with pytest.raises(ValueError, match=r"pixel_size must be a positive number in pm, from "
+                                         r"1e-06 to 1e\+09 \(1 mm\)"):
+        drift_report(shifts, pixel_size=pixel_size)
+    with pytest.raises(ValueError, match=r"shifts must be at most 1e\+12 px in magnitude"):
+        drift_report(shifts * 1e140, pixel_size=1.0)
