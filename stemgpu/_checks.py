@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "check_batch_size",
+    "check_bool",
     "check_choice",
     "check_int",
     "check_pair",
@@ -62,6 +63,25 @@ def _bounds_text(minimum, maximum, greater=None) -> str:
     if maximum is not None:
         parts.append(f"<= {maximum:g}")
     return " and ".join(parts)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False`` (NumPy bools too); anything else, e.g. the
+    string ``"no"``, which ``if value:`` would take as true, is refused.
+
+    Examples
+    --------
+    >>> from stemgpu._checks import check_bool
+    >>> check_bool(False, "overwrite")
+    False
+    >>> check_bool("no", "overwrite")
+    Traceback (most recent call last):
+    ...
+    ValueError: overwrite must be True or False; got 'no'
+    """
+    if not isinstance(value, bool | np.bool_):
+        fail(name, "True or False", value)
+    return bool(value)
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None,

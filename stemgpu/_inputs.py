@@ -43,6 +43,10 @@ _UNIT_TO_PM = {
 }
 
 
+#: Pixel sizes accepted, pm: 1e-6 pm to 1 mm, far beyond any electron microscope either way.
+_MIN_PIXEL_PM, _MAX_PIXEL_PM = 1e-6, 1e9
+
+
 @dataclass(frozen=True)
 class Calibrated:
     """An input converted for computation.
@@ -151,12 +155,20 @@ def resolve_pixel_size(pixel_size: float | None, from_data: float | None,
     a positive finite number.
     """
     if pixel_size is not None:
+        # float() would take "14.6" (and NumPy a 1-element array): only numbers are pixel sizes
+        if (isinstance(pixel_size, bool | str | bytes | list | tuple)
+                or getattr(pixel_size, "ndim", 0) != 0):
+            raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
         try:
             value = float(pixel_size)
         except (TypeError, ValueError):
             raise ValueError(f"pixel_size must be a number in pm; got {pixel_size!r}") from None
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"pixel_size must be a positive number in pm; got {pixel_size!r}")
+        if not _MIN_PIXEL_PM <= value <= _MAX_PIXEL_PM:  # squares of lengths in pm must
+            # neither overflow nor underflow to a jitter of exactly 0
+            raise ValueError(f"pixel_size must be a positive number in pm, from "
+                             f"{_MIN_PIXEL_PM:g} to {_MAX_PIXEL_PM:g} (1 mm); got {pixel_size!r}")
         return value
     if from_data is None and required:
         raise ValueError(

@@ -192,3 +192,33 @@ def test_maps_and_plots():
                 plot_cell_histograms(cells, pixel_size=PX)):
         assert len(fig.axes) >= 2
         plt.close(fig)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n_bootstrap": 1}, "n_bootstrap must be an integer >= 2 and <= 100000; got 1"),
+    ({"n_bootstrap": 0}, "n_bootstrap must be an integer >= 2 and <= 100000; got 0"),
+    ({"n_bootstrap": 10**9}, "n_bootstrap must be an integer >= 2 and <= 100000"),
+    ({"n_bootstrap": "200"}, "n_bootstrap must be an integer .*; got '200'"),
+    ({"n_bootstrap": 2.5}, "n_bootstrap must be an integer .*; got 2.5"),
+    ({"seed": -1}, "seed must be an integer >= 0; got -1"),
+    ({"seed": "0"}, "seed must be an integer >= 0; got '0'"),
+    ({"pixel_size": "14.6"}, "pixel_size must be a positive number in pm; got '14.6'"),
+    ({"uncertainty": 3}, "uncertainty must be one of 'auto', 'bootstrap'"),
+])
+def test_bad_options_are_refused_by_name(kw, match):
+    """n_bootstrap=1 used to give NaN uncertainties (the std of one resampled median)."""
+    pos, species = grid(6, 6, 390.5, 390.5)
+    cells = unit_cells(pos, species=species, pixel_size=PX)
+    with pytest.raises(ValueError, match=match):
+        cell_statistics(cells, **kw)
+    stats = cell_statistics(cells, n_bootstrap=2)
+    assert all(np.isfinite(s.median_uncertainty) for s in stats.rows.values())
+
+
+def test_median_uncertainty_refuses_bad_values():
+    with pytest.raises(ValueError, match="values must be a 1-D or 2-D array of numbers; got list"):
+        median_uncertainty(["a", "b"])
+    with pytest.raises(ValueError, match=r"values must be .*; got shape \(2, 2, 2\)"):
+        median_uncertainty(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="n_bootstrap must be an integer >= 2"):
+        median_uncertainty(np.arange(5.0), n_bootstrap=1)

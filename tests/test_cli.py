@@ -76,10 +76,14 @@ def test_missing_file_and_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, code, match", [
-    (["run", "{f}", "--steps", "rigid,warp"], EXIT_USAGE, "unknown step"),
-    (["run", "{f}", "--pixel-size", "-3"], EXIT_USAGE, "positive number"),
-    (["run", "{f}", "--pixel-size", "nan"], EXIT_USAGE, "positive number"),
-    (["run", "{f}", "--pixel-size", "abc"], EXIT_USAGE, "invalid float"),
+    # a bad option value exits 3 (README), argparse's own errors 2
+    (["run", "{f}", "--steps", "rigid,warp"], EXIT_BAD_INPUT, "--steps 'rigid,warp': unknown"),
+    (["run", "{f}", "--pixel-size", "-3"], EXIT_BAD_INPUT,
+     "--pixel-size must be a positive number (pm per pixel); got '-3'"),
+    (["run", "{f}", "--pixel-size", "nan"], EXIT_BAD_INPUT, "positive number"),
+    (["run", "{f}", "--pixel-size", "abc"], EXIT_BAD_INPUT,
+     "--pixel-size must be a positive number (pm per pixel); got 'abc'"),
+    (["run", "{f}", "--pixel-size"], EXIT_USAGE, "expected one argument"),
     (["demo", "--frames", "2"], EXIT_BAD_INPUT, "frames"),
     (["frobnicate"], EXIT_USAGE, "invalid choice"),
 ])

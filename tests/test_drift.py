@@ -178,3 +178,53 @@ def test_drift_rate_uncertainty_matches_monte_carlo(model, kw):
         rates.append(rep.drift_rate_pm_per_frame.x)
         errs.append(rep.drift_rate_uncertainty_pm_per_frame.x)
     assert np.mean(errs) == pytest.approx(np.std(rates), rel=0.15)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.0, 1e-12, 1e-3])
+def test_interpolating_spline_is_refused_not_reported_as_zero_jitter(smoothing):
+    """smoothing=0 interpolates every shift: the residual is 0 by construction, which used
+    to be printed as a jitter of 0 +- 0; now the fit is refused with the reason."""
+    shifts = np.cumsum(np.random.default_rng(0).normal(size=(20, 2)), axis=0)
+    with pytest.raises(ValueError, match=r"smoothing=.* leaves .* residual degrees of freedom "
+                                         r"\(the spline uses .* of 20 frames\): the fit passes "
+                                         r"through every shift.*no jitter can be measured"):
+        drift_report(shifts, pixel_size=10.0, model="spline", smoothing=smoothing)
+    rep = drift_report(shifts, pixel_size=10.0, model="spline", smoothing=1.0)
+    assert rep.jitter_std_pm.x > 0 and rep.jitter_std_pm.y > 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"pixel_size": "10"}, "pixel_size must be a positive number in pm; got '10'"),
+    ({"pixel_size": [10.0]}, r"pixel_size must be a positive number in pm; got \[10\.0\]"),
+    ({"frame_time": "2"}, "frame_time must be a positive number of s; got '2'"),
+    ({"frame_time": True}, "frame_time must be a positive number of s; got True"),
+    ({"model": "spline", "smoothing": "1"}, "smoothing must be a finite number >= 0; got '1'"),
+    ({"model": "spline", "smoothing": -1.0}, "smoothing must be a finite number >= 0; got -1"),
+    ({"model": "spline", "smoothing": np.inf}, "smoothing must be a finite number >= 0"),
+    ({"exclude": [3] * 8}, r"exclude must be a boolean mask of shape \(8,\); got \[3, 3"),
+    ({"exclude": np.full(8, 0.5)}, r"exclude must be a boolean mask .* \(dtype float64\)"),
+])
+def test_string_and_out_of_range_options_get_our_messages(kw, match):
+    shifts = np.cumsum(np.random.default_rng(1).normal(size=(8, 2)), axis=0)
+    with pytest.raises(ValueError, match=match):
+        drift_report(shifts, **{"pixel_size": 1.0, **kw})
+
+
+def test_string_shifts_get_our_message():
+    with pytest.raises(ValueError, match=r"shifts must be an \(n, 2\) array of numbers "
+                                         r"\(row, col\) in px; got list"):
+        drift_report([["a", "b"]] * 4, pixel_size=1.0)
+    rep = drift_report(np.zeros((4, 2)), pixel_size=1.0, exclude=[1, 0, 0, 0])  # 0/1 is a mask
+    assert rep.used.tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("pixel_size", [1e-220, 1e153])
+def test_pixel_sizes_that_underflow_or_overflow_are_refused(pixel_size):
+    """Found by tests/test_hypothesis.py: 1e-220 pm gave a jitter of exactly 0 (squares
+    underflow), 1e153 pm infinite figures (squares overflow)."""
+    shifts = np.cumsum(np.random.default_rng(2).normal(size=(8, 2)), axis=0)
+    with pytest.raises(ValueError, match=r"pixel_size must be a positive number in pm, from "
+                                         r"1e-06 to 1e\+09 \(1 mm\)"):
+        drift_report(shifts, pixel_size=pixel_size)
+    with pytest.raises(ValueError, match=r"shifts must be at most 1e\+12 px in magnitude"):
+        drift_report(shifts * 1e140, pixel_size=1.0)

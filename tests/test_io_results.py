@@ -511,3 +511,132 @@ def test_provenance_of_an_opened_file_reaches_the_results_file(tmp_path):
     assert src["path"] == os.path.abspath(path)
     assert len(src["sha256"]) == 64 and src["format"] == "nion-ndata"
     assert "original_metadata" in src
+
+
+# ------------------------------------------------------------ no lost results, no lost kinds
+
+
+def test_two_racing_saves_without_overwrite_exactly_one_wins(tmp_path, monkeypatch):
+    """Both saves pass the early existence check before either commits: the commit itself
+    refuses the second (a hard link fails onto an existing name), and the file is whole."""
+    import threading
+
+    target = tmp_path / "race.h5"
+    barrier = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(results_mod, "_before_commit", lambda fh: barrier.wait())
+    outcomes = {}
+
+    def one(k):
+        try:
+            save({"writer": k, "data": np.full((50, 50), k, np.float32)}, target)
+            outcomes[k] = "saved"
+        except FileExistsError as exc:
+            outcomes[k] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(type(v).__name__ for v in outcomes.values()) == ["FileExistsError", "str"]
+    loser = next(v for v in outcomes.values() if not isinstance(v, str))
+    assert "created while this save was writing" in str(loser)
+    winner = next(k for k, v in outcomes.items() if v == "saved")
+    monkeypatch.setattr(results_mod, "_before_commit", None)
+    back = load(target)
+    assert back["writer"] == winner
+    np.testing.assert_array_equal(back["data"], np.full((50, 50), winner, np.float32))
+    assert leftovers(tmp_path) == []
+
+
+def test_commit_without_hard_links_still_refuses_an_existing_file(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("hard links not supported (simulated)")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = save({"a": 1}, tmp_path / "nolink.h5")
+    assert load(target) == {"a": 1}
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        results_mod._commit_new(save({"b": 2}, tmp_path / "other.h5"), target)
+    assert load(target) == {"a": 1}
+
+
+ARRAY_KINDS = {
+    "0-d float": np.array(3.5),
+    "0-d int16": np.array(3, "i2"),
+    "0-d unicode": np.array("abc"),
+    "0-d bytes": np.array(b"abc"),
+    "structured": np.array([(1.5, (1, 2))], dtype=[("a", "f4"), ("b", "i2", (2,))]),
+    "structured, large": np.zeros(2000, dtype=[("a", "f4"), ("b", "i2")]),
+    "structured with text": np.array([(1, "ab")], dtype=[("a", "i4"), ("s", "U3")]),
+    "nested structured": np.zeros(3, dtype=[("a", [("x", "f4")])]),
+    "aligned structured": np.zeros(2, dtype=np.dtype([("a", "i1"), ("b", "f8")], align=True)),
+    "masked": np.ma.masked_array([1.0, 2.0, 3.0], mask=[0, 1, 0], fill_value=7.0),
+    "masked, large": np.ma.masked_array(np.arange(2000.0), mask=np.arange(2000) % 3 == 0),
+    "masked structured": np.ma.masked_array(np.zeros(2, dtype=[("a", "f4"), ("b", "i2")]),
+                                            mask=[(0, 1), (1, 0)]),
+    "masked 0-d": np.ma.masked_array(3.0, mask=True),
+    "datetime64": np.arange(3).astype("datetime64[s]"),
+    "timedelta64, large": np.arange(2000).astype("timedelta64[ms]"),
+    "big-endian": np.array([1.5, 2.0], dtype=">f8"),
+    "empty unicode": np.zeros((0, 3), "U2"),
+    "recarray": np.rec.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+    "matrix": np.array([[1, 2]]).view(np.matrix),  # a view: no PendingDeprecationWarning
+    "numpy str scalar": np.str_("x"),
+}
+
+
+def _same(back, value):
+    assert type(back) is type(value)
+    if isinstance(value, np.ndarray | np.generic):
+        assert back.dtype == value.dtype and back.shape == value.shape
+        if isinstance(value, np.ma.MaskedArray):
+            np.testing.assert_array_equal(np.ma.getmaskarray(back), np.ma.getmaskarray(value))
+            assert back.fill_value == value.fill_value
+            back, value = back.data, value.data
+        assert np.asarray(back).tobytes() == np.asarray(value).tobytes()
+    else:
+        assert back == value
+
+
+@pytest.mark.parametrize("kind", list(ARRAY_KINDS))
+@pytest.mark.parametrize("wrap", ["bare", "in a dict", "in a dataclass"])
+def test_every_array_kind_round_trips_exactly(tmp_path, kind, wrap):
+    value = ARRAY_KINDS[kind]
+    obj = {"bare": value, "in a dict": {"x": value},
+           "in a dataclass": RigidLike(value, None, None, None, (), None, None)}[wrap]
+    back = load(save(obj, tmp_path / "k.h5"))
+    _same({"bare": back, "in a dict": back["x"] if isinstance(back, dict) else None,
+           "in a dataclass": getattr(back, "shifts", None)}[wrap], value)
+
+
+def test_unsupported_array_subclass_is_refused_by_name(tmp_path):
+    class Tagged(np.ndarray):
+        pass
+
+    with pytest.raises(TypeError, match=r"cannot save result\['t'\]: ndarray subclass .*Tagged "
+                                        r"is not supported.*numpy\.asarray"):
+        save({"t": np.zeros(3).view(Tagged)}, tmp_path / "t.h5")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"overwrite": "no"}, "overwrite must be True or False; got 'no'"),
+    ({"overwrite": 1}, "overwrite must be True or False; got 1"),
+    ({"progress": "yes"}, "progress must be True or False; got 'yes'"),
+    ({"compression": ["gzip"]}, r"compression must be None, 'gzip' or 'lzf'; got \['gzip'\]"),
+])
+def test_option_values_are_checked_before_anything_is_replaced(tmp_path, kw, match):
+    path = save({"a": 1}, tmp_path / "keep.h5")
+    with pytest.raises(ValueError, match=match):
+        save({"a": 2}, path, **kw)  # overwrite="no" used to read as true and replace it
+    assert load(path) == {"a": 1}
+    with pytest.raises(ValueError, match="lazy must be True or False; got 'no'"):
+        load(path, lazy="no")
+
+
+def test_strings_with_nul_characters_round_trip(tmp_path):
+    """HDF5 strings end at a NUL (h5py refuses them): found by tests/test_hypothesis.py."""
+    value = {"a\x00b": "\x00", "k": ["x\x00"], "long": "y\x00" * 5000}
+    assert load(save(value, tmp_path / "nul.h5")) == value
+    assert load(save("\x00z", tmp_path / "bare.h5")) == "\x00z"

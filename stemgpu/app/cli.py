@@ -9,8 +9,8 @@ code  meaning
 ====  =====================================================
 0     success
 1     the analysis ran but failed (e.g. no atoms found)
-2     bad command line (argparse)
-3     bad input file or option value
+2     bad command line (argparse: unknown command or option, missing value)
+3     bad input file or option value (``--pixel-size -3``, ``--steps warp``)
 4     requested backend unavailable
 ====  =====================================================
 """
@@ -63,23 +63,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_float(text: str) -> float:
+class _BadValue(str):
+    """A well-formed command line with a bad option value: argparse type functions return it
+    (raising would make argparse exit 2) and :func:`main` exits 3 with it as the message."""
+
+
+def _positive_float(text: str) -> float | _BadValue:
     import math
 
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number (pm per pixel); got {text}")
+        return _BadValue(f"--pixel-size must be a positive number (pm per pixel); got {text!r}")
     return value
 
 
-def _parse_steps(text: str) -> tuple[str, ...]:
+def _parse_steps(text: str) -> tuple[str, ...] | _BadValue:
     try:
         return parse_step_names(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--steps {text!r}: {exc}") from None
+        return _BadValue(f"--steps {text!r}: {exc}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -165,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    bad = [v for v in vars(args).values() if isinstance(v, _BadValue)]
+    if bad:  # the README's exit code for a bad option value, not argparse's 2
+        return _fail(bad[0], EXIT_BAD_INPUT)
     try:
         return int(args.func(args))
     except BackendUnavailableError as exc:

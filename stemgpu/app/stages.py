@@ -175,7 +175,9 @@ def registered_mean(current, flagged, be: Backend):
             else current.mean(axis=0)
     else:
         mean = current
-    return xp.asarray(mean, dtype=xp.float32)
+    # A copy: a float32 image passed to analyze would otherwise come back as mean_image
+    # itself, and editing one would change the other.
+    return xp.array(mean, dtype=xp.float32, copy=True)
 
 
 # ---------------------------------------------------------------------------- columns, cells

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..backend import is_cupy_array, to_host
 
-__all__ = ["MOVED_CLASSES", "class_path", "dumps", "from_json", "import_class", "rebuild",
+__all__ = ["ARRAY_SUBCLASSES", "MOVED_CLASSES", "array_subclass", "as_subclass", "class_path",
+           "dtype_from_json", "dtype_to_json", "dumps", "from_json", "import_class", "rebuild",
            "rebuild_namedtuple", "to_json"]
 
 #: Class paths recorded by older files -> where the class lives now (old files keep loading
@@ -38,8 +39,56 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def dtype_to_json(dtype: np.dtype) -> Any:
+    """A dtype as JSON: its ``str`` (``"<f4"``), or for structured and sub-array dtypes, whose
+    ``str`` is only ``"|V8"``, NumPy's ``.npy`` description (field names, nesting, offsets)."""
+    dtype = np.dtype(dtype)
+    if dtype.fields is None and dtype.subdtype is None:
+        return dtype.str
+    out = {"descr": to_json(np.lib.format.dtype_to_descr(dtype), "dtype")}
+    if dtype.isalignedstruct:
+        out["align"] = True
+    return out
+
+
+def dtype_from_json(value: Any) -> np.dtype:
+    """Inverse of :func:`dtype_to_json`."""
+    if isinstance(value, dict):
+        dtype = np.lib.format.descr_to_dtype(from_json(value["descr"]))
+        return np.dtype(dtype, align=True) if value.get("align") else dtype
+    return np.dtype(value)
+
+
+#: ndarray subclasses a results file keeps (rebuilt as views on load); a memmap is stored as
+#: the plain array it is, and masked arrays are stored with their mask.
+ARRAY_SUBCLASSES = {"recarray": np.recarray, "matrix": np.matrix}
+
+
+def array_subclass(arr: Any, where: str) -> str | None:
+    """The :data:`ARRAY_SUBCLASSES` name of an ndarray subclass (None for a plain ndarray or
+    a memmap); ``TypeError`` naming ``where`` for any other subclass (it would come back as a
+    plain ndarray, losing whatever the subclass holds)."""
+    cls = type(arr)
+    if not isinstance(arr, np.ndarray) or cls is np.ndarray or cls is np.memmap:
+        return None
+    for name, sub in ARRAY_SUBCLASSES.items():
+        if cls is sub:
+            return name
+    raise TypeError(
+        f"cannot save {where}: ndarray subclass {cls.__module__}.{cls.__qualname__} is not "
+        "supported (accepted: ndarray, numpy.ma.MaskedArray, recarray, matrix, memmap); pass "
+        "numpy.asarray(value) to store its data")
+
+
+def as_subclass(arr: np.ndarray, name: str | None) -> np.ndarray:
+    """``arr`` viewed as the subclass recorded by :func:`array_subclass`."""
+    return arr if name is None else arr.view(ARRAY_SUBCLASSES[name])
+
+
 def to_json(obj: Any, where: str) -> Any:
     """Tagged JSON-able form of ``obj`` (inverse: :func:`from_json`)."""
+    if isinstance(obj, np.str_):  # a str subclass: keep the NumPy type
+        return {"__npscalar__": obj.dtype.str, "b64": _b64(np.asarray(obj).tobytes())}
     if obj is None or isinstance(obj, bool | str):
         return obj
     if isinstance(obj, int):
@@ -51,13 +100,25 @@ def to_json(obj: Any, where: str) -> Any:
     if isinstance(obj, np.generic):
         if obj.dtype.kind in "biuf":
             return {"__npscalar__": obj.dtype.str, "value": obj.item()}
-        return {"__npscalar__": obj.dtype.str, "b64": _b64(np.asarray(obj).tobytes())}
+        return {"__npscalar__": dtype_to_json(obj.dtype),
+                "b64": _b64(np.asarray(obj).tobytes())}
+    if isinstance(obj, np.ma.MaskedArray):
+        return {"__masked__": to_json(np.ma.getdata(obj), where),
+                "mask": to_json(np.ma.getmaskarray(obj), where),
+                "fill_value": to_json(obj.fill_value, where),
+                "hard_mask": bool(obj.hardmask)}
     if isinstance(obj, np.ndarray) or is_cupy_array(obj):
-        arr = np.ascontiguousarray(to_host(obj))
+        sub = array_subclass(obj, where)
+        arr = np.asarray(to_host(obj))  # 0-d stays 0-d (ascontiguousarray would make it 1-d)
         if arr.dtype.hasobject:
-            return {"__objarray__": [to_json(v, f"{where}[...]") for v in arr.ravel()],
-                    "shape": list(arr.shape)}
-        return {"__ndarray__": arr.dtype.str, "shape": list(arr.shape), "b64": _b64(arr.tobytes())}
+            out = {"__objarray__": [to_json(v, f"{where}[...]") for v in arr.ravel()],
+                   "shape": list(arr.shape)}
+        else:  # tobytes() is C order whatever the layout
+            out = {"__ndarray__": dtype_to_json(arr.dtype), "shape": list(arr.shape),
+                   "b64": _b64(arr.tobytes())}
+        if sub is not None:
+            out["subclass"] = sub
+        return out
     if isinstance(obj, bytes):
         return {"__bytes__": _b64(obj)}
     if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # NamedTuple, e.g. XY
@@ -106,17 +167,23 @@ def from_json(obj: Any) -> Any:
     if "__complex__" in obj:
         return complex(*obj["__complex__"])
     if "__npscalar__" in obj:
-        dtype = np.dtype(obj["__npscalar__"])
+        dtype = dtype_from_json(obj["__npscalar__"])
         if "b64" in obj:
             return np.frombuffer(base64.b64decode(obj["b64"]), dtype=dtype)[0]
         return dtype.type(obj["value"])
+    if "__masked__" in obj:
+        return np.ma.masked_array(from_json(obj["__masked__"]), mask=from_json(obj["mask"]),
+                                  fill_value=from_json(obj["fill_value"]),
+                                  hard_mask=obj.get("hard_mask", False))
     if "__ndarray__" in obj:
-        arr = np.frombuffer(base64.b64decode(obj["b64"]), dtype=np.dtype(obj["__ndarray__"]))
-        return arr.reshape(obj["shape"]).copy()
+        # a writable buffer, not .copy(): a copy drops the padding bytes of aligned records
+        arr = np.frombuffer(bytearray(base64.b64decode(obj["b64"])),
+                            dtype=dtype_from_json(obj["__ndarray__"]))
+        return as_subclass(arr.reshape(obj["shape"]), obj.get("subclass"))
     if "__objarray__" in obj:
         out = np.empty(len(obj["__objarray__"]), dtype=object)
         out[:] = [from_json(v) for v in obj["__objarray__"]]
-        return out.reshape(obj["shape"])
+        return as_subclass(out.reshape(obj["shape"]), obj.get("subclass"))
     if "__bytes__" in obj:
         return base64.b64decode(obj["__bytes__"])
     if "__set__" in obj:

@@ -26,7 +26,16 @@ import numpy as np
 from .._inputs import is_frame_source, is_sidpy_dataset
 from .._progress import progress_bar
 from ..backend import is_cupy_array, to_host
-from ._codec import class_path, dumps, from_json, rebuild, rebuild_namedtuple, to_json
+from ._codec import (
+    array_subclass,
+    as_subclass,
+    class_path,
+    dumps,
+    from_json,
+    rebuild,
+    rebuild_namedtuple,
+    to_json,
+)
 
 __all__ = ["IMAGE_FIELDS", "Writer", "is_array", "read_group", "read_member"]
 
@@ -62,7 +71,8 @@ def _needs_group(obj: Any) -> bool:
 
 
 def _h5_name(key: Any, index: int, used: set) -> str:
-    if (isinstance(key, str) and key and "/" not in key and key not in (".", "..")
+    if (isinstance(key, str) and key and "/" not in key and "\x00" not in key
+            and key not in (".", "..")
             and not key.startswith("stemgpu_") and key not in used):
         return key
     name = f"item_{index}"
@@ -92,25 +102,48 @@ class Writer:
             self.backends.add("cupy")
         if is_frame_source(value, memmap=False):
             return self._lazy_array(group, name, value)
+        sub = array_subclass(value, where)
         arr = to_host(value)
         if arr.dtype.hasobject:
             group.create_dataset(name, data=dumps(arr, where))
             return {"tag": "json"}
+        entry = {"tag": "array"}
+        if sub is not None:
+            entry["subclass"] = sub
         if arr.dtype.kind == "U":  # HDF5 has no UCS-4 strings: store the code points
-            group.create_dataset(name, data=arr.view(np.uint32).reshape(
-                (*arr.shape, arr.dtype.itemsize // 4)) if arr.size else
-                np.zeros((*arr.shape, 0), np.uint32))
-            return {"tag": "array", "dtype": arr.dtype.str, "shape": list(arr.shape)}
+            chars = arr.dtype.itemsize // 4
+            group.create_dataset(name, data=np.ascontiguousarray(arr).reshape(-1).view(
+                np.uint32).reshape((*arr.shape, chars)) if arr.size and chars else
+                np.zeros((*arr.shape, chars if not arr.size else 0), np.uint32))
+            return {**entry, "dtype": arr.dtype.str, "shape": list(arr.shape)}
         kwargs = {}
         if self.compression and arr.size > 1:
             kwargs = {"compression": self.compression, "chunks": True}
         order = "F" if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous \
             else "C"
-        group.create_dataset(name, data=arr, **kwargs)
-        entry = {"tag": "array"}
+        try:
+            group.create_dataset(name, data=np.asarray(arr), **kwargs)
+        except TypeError:  # a dtype HDF5 has no type for (datetime64, text fields...): exact JSON
+            if name in group:
+                del group[name]
+            group.create_dataset(name, data=dumps(value, where))
+            return {"tag": "json"}
         if order == "F":
             entry["order"] = "F"
         return entry
+
+    def masked(self, group, name: str, value: Any, where: str) -> dict:
+        """A masked array as a group: its data, its full mask and its fill value."""
+        sub = group.create_group(name)
+        sub.attrs["stemgpu_kind"] = "masked"
+        sub.attrs["stemgpu_hard_mask"] = bool(value.hardmask)
+        members = []
+        for key, part in (("data", np.ma.getdata(value)), ("mask", np.ma.getmaskarray(value)),
+                          ("fill_value", value.fill_value)):
+            entry = self.value(sub, key, part, f"{where}.{key}")
+            members.append({"key": key, "name": key, **entry})
+        sub.attrs["stemgpu_members"] = json.dumps(members)
+        return {"tag": "group"}
 
     def _lazy_array(self, group, name, value) -> dict:
         shape = tuple(int(s) for s in value.shape)
@@ -202,10 +235,13 @@ class Writer:
             return {"tag": "none"}
         if is_sidpy_dataset(value):
             return self.sidpy(group, name, value, where)
+        if isinstance(value, np.ma.MaskedArray):
+            return self.masked(group, name, value, where)
         if is_array(value):
             ndim = len(value.shape)
             real = np.dtype(value.dtype).kind in "iuf"
-            if owner is not None and IMAGE_FIELDS.get(name) == ndim and real:
+            plain = not isinstance(value, np.ndarray) or array_subclass(value, where) is None
+            if owner is not None and IMAGE_FIELDS.get(name) == ndim and real and plain:
                 return self.image_field(group, name, value, owner, where)
             return self.array(group, name, value, where)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -223,6 +259,8 @@ class Writer:
     @staticmethod
     def scalar(group, name: str, value: Any) -> dict | None:
         """Store numbers and short strings as native attributes; None if not a scalar."""
+        if isinstance(value, np.str_):  # h5py has no type for it: tagged JSON keeps it
+            return None
         if isinstance(value, bool):
             group.attrs[name] = np.bool_(value)
             return {"tag": "scalar", "type": "bool"}
@@ -237,7 +275,8 @@ class Writer:
         if isinstance(value, complex):
             group.attrs[name] = np.complex128(value)
             return {"tag": "scalar", "type": "complex"}
-        if isinstance(value, str) and len(value) <= _LONG_STRING:
+        if isinstance(value, str) and len(value) <= _LONG_STRING and "\x00" not in value:
+            # (HDF5 strings end at a NUL: such strings go to the tagged JSON, which escapes it)
             group.attrs[name] = value
             return {"tag": "scalar", "type": "str"}
         if isinstance(value, np.generic) and value.dtype.kind in "biufc":
@@ -308,20 +347,25 @@ def read_member(group, entry: dict, lazy: bool) -> Any:
         return from_json(json.loads(group[name].asstr()[()]))
     if tag == "array":
         dset = group[name]
+        sub = entry.get("subclass")
         if "dtype" in entry:  # unicode array stored as code points
             raw = dset[()]
-            return np.ascontiguousarray(raw).view(np.dtype(entry["dtype"])).reshape(
-                entry["shape"])
-        if lazy and dset.ndim == 3:
+            dtype = np.dtype(entry["dtype"])
+            if dtype.itemsize == 0 or raw.size == 0:
+                return as_subclass(np.zeros(entry["shape"], dtype), sub)
+            return as_subclass(np.ascontiguousarray(raw).reshape(-1).view(dtype).reshape(
+                entry["shape"]), sub)
+        if lazy and dset.ndim == 3 and sub is None:
             from .lazy import LazyStack
 
             return LazyStack.from_hdf5(dset.file.filename, dset.name)
         arr = dset[()]
-        if isinstance(arr, bytes):  # 0-d string arrays come back as bytes
-            arr = np.array(arr)
+        if not isinstance(arr, np.ndarray):  # a 0-d dataset reads as a scalar (or bytes)
+            arr = np.array(arr, dtype=dset.dtype) if not isinstance(arr, bytes) \
+                else np.array(arr)
         if entry.get("order") == "F":
             arr = np.asfortranarray(arr)
-        return arr
+        return as_subclass(arr, sub)
     if tag == "group":
         sub = group[name]
         if not isinstance(sub, h5py.Group):
@@ -353,6 +397,11 @@ def read_group(group, lazy: bool) -> Any:
     if kind == "sidpy":
         return _read_sidpy(group)
     members = json.loads(group.attrs["stemgpu_members"])
+    if kind == "masked":
+        parts = {m["key"]: read_member(group, m, False) for m in members}
+        return np.ma.masked_array(parts["data"], mask=parts["mask"],
+                                  fill_value=parts["fill_value"],
+                                  hard_mask=bool(group.attrs.get("stemgpu_hard_mask", False)))
     if kind == "dataclass":
         fields = {m["key"]: read_member(group, m, lazy) for m in members}
         return rebuild(group.attrs["stemgpu_class"], fields)

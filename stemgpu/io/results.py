@@ -15,9 +15,11 @@ The generic serialisation (exact round trip, dtypes included) is the HDF5 tree o
 the file handling: provenance, the atomic write and the public :func:`save` / :func:`load`.
 
 Writing goes to a hidden temporary file in the target directory which is fsync'ed and then
-renamed over the target (``os.replace``): a failed or killed write never leaves a partial
-results file. A temporary file left by a killed process is removed by the next ``save`` into
-the same directory.
+renamed over the target (``os.replace``), or, with ``overwrite=False``, hard-linked to the
+target name, which fails if the name exists (no check-then-rename race): a failed or killed
+write never leaves a partial results file, and two saves never both succeed onto one name.
+A temporary file left by a killed process is removed by the next ``save`` into the same
+directory.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_bool
 from .._inputs import is_sidpy_dataset
 from ._codec import class_path, dumps, from_json, import_class
 from ._tree import Writer, read_group, read_member
@@ -219,7 +222,7 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, source: 
     TypeError
         Something in ``obj`` cannot be stored (the message names where).
     ValueError
-        Unknown ``compression``.
+        Unknown ``compression``; ``overwrite`` or ``progress`` not a bool.
 
     Examples
     --------
@@ -232,8 +235,12 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, source: 
     >>> back["shifts"].shape, back["note"]
     ((5, 2), 'demo')
     """
-    if compression not in (None, "gzip", "lzf"):
+    if compression is not None and not (isinstance(compression, str)
+                                        and compression in ("gzip", "lzf")):
         raise ValueError(f"compression must be None, 'gzip' or 'lzf'; got {compression!r}")
+    # overwrite="no" would read as true and replace the file: only a bool is an answer here
+    overwrite = check_bool(overwrite, "overwrite")
+    progress = check_bool(progress, "progress")
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
@@ -242,15 +249,43 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, source: 
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r}: directory does not exist (for path={path!r})")
-    with _atomic_h5(path) as fh:
+    with _atomic_h5(path, overwrite) as fh:
         _write_results(fh, obj, source, Writer(fh, compression, progress))
     return path
 
 
+def _commit_new(tmp: str, path: str) -> None:
+    """Move the finished ``tmp`` to ``path`` only if ``path`` does not exist, atomically.
+
+    The check and the move are one operation, so of two ``overwrite=False`` saves racing for
+    the same path exactly one succeeds and the other raises ``FileExistsError``. A hard link
+    fails if the target exists; where the file system has no hard links, an ``O_EXCL``
+    placeholder claims the name and the finished file is renamed over it.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it "
+                              "(it was created while this save was writing)") from None
+    except OSError:  # no hard links here (e.g. some network or FAT file systems)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it "
+                                  "(it was created while this save was writing)") from None
+        os.close(fd)
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
 @contextmanager
-def _atomic_h5(path: str):
-    """An h5py file open for writing under a temporary name, fsync'ed and renamed to ``path``
-    when the block succeeds, removed when it fails (``path`` then stays as it was)."""
+def _atomic_h5(path: str, overwrite: bool = True):
+    """An h5py file open for writing under a temporary name, fsync'ed and moved to ``path``
+    when the block succeeds, removed when it fails (``path`` then stays as it was).
+
+    With ``overwrite`` the move replaces ``path`` (``os.replace``); without, it fails with
+    ``FileExistsError`` when ``path`` exists at that moment (:func:`_commit_new`)."""
     import h5py
 
     directory = os.path.dirname(path)
@@ -267,7 +302,10 @@ def _atomic_h5(path: str):
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _commit_new(tmp, path)
         _fsync_dir(directory)
     except BaseException:
         try:
@@ -355,6 +393,7 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Any:
     >>> stemgpu.load(path)[0].dtype
     dtype('int16')
     """
+    lazy = check_bool(lazy, "lazy")
     with _open_results(path) as fh:
         root = fh["stemgpu"]
         wrapper = root.attrs.get("stemgpu_wrapper_class")

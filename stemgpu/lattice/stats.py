@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._checks import check_choice
+from .._checks import check_choice, check_int
 from .._inputs import resolve_pixel_size
 from ..backend import HostCopyMixin
 
@@ -222,6 +222,17 @@ def _order_uncertainty(sorted_values: np.ndarray) -> np.ndarray:
     return 0.5 * (sorted_values[..., hi] - sorted_values[..., lo])
 
 
+#: Most bootstrap resamples: the time grows with n_bootstrap x cells (200 is plenty).
+_BOOTSTRAP_MAX = 100_000
+
+
+def _check_bootstrap(n_bootstrap, seed) -> tuple[int, int]:
+    # The bootstrap uncertainty is the std of the resampled medians (ddof=1): one resample
+    # would give NaN, so at least 2.
+    n = check_int(n_bootstrap, "n_bootstrap", minimum=2, maximum=_BOOTSTRAP_MAX)
+    return n, check_int(seed, "seed", minimum=0)
+
+
 def median_uncertainty(values, *, method: str = "auto", n_bootstrap: int = 200,
                        seed: int = 0) -> tuple[np.ndarray, str]:
     """Uncertainty of the median of each row of ``values`` (k, n) (or of a 1-D array).
@@ -237,10 +248,17 @@ def median_uncertainty(values, *, method: str = "auto", n_bootstrap: int = 200,
     >>> round(float(u), 4), how
     (0.0198, 'gaussian')
     """
-    v = np.asarray(values, dtype=np.float64)
+    check_choice(method, "uncertainty", _METHODS)
+    n_bootstrap, seed = _check_bootstrap(n_bootstrap, seed)
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("values must be a 1-D or 2-D array of numbers; got "
+                         f"{type(values).__name__}") from None
+    if v.ndim not in (1, 2):
+        raise ValueError(f"values must be a 1-D or 2-D array of numbers; got shape {v.shape}")
     one = v.ndim == 1
     v = np.atleast_2d(v)
-    check_choice(method, "uncertainty", _METHODS)
     n = v.shape[1]
     if n < 2:
         raise ValueError(f"the uncertainty of a median needs at least 2 values; got {n}")
@@ -275,9 +293,9 @@ def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str 
     uncertainty : {"auto", "bootstrap", "order", "gaussian"}
         How the uncertainty of each median is computed (see the module docstring).
     n_bootstrap : int
-        Number of bootstrap resamples.
+        Number of bootstrap resamples, 2 to 100 000.
     seed : int
-        Seed of the bootstrap generator (fixed: the table is reproducible).
+        Seed (>= 0) of the bootstrap generator (fixed: the table is reproducible).
 
     Returns
     -------
@@ -287,7 +305,8 @@ def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str 
     Raises
     ------
     ValueError
-        Without a calibration, with fewer than 2 cells, or an unknown ``uncertainty``.
+        Without a calibration, with fewer than 2 cells, an unknown ``uncertainty``, or
+        ``n_bootstrap`` / ``seed`` not an integer in range (one resample has no spread).
     TypeError
         If ``cells`` is not a :class:`~stemgpu.lattice.cells.UnitCells`.
 
@@ -318,6 +337,8 @@ def cell_statistics(cells, *, pixel_size: float | None = None, uncertainty: str 
                         f"{type(cells).__name__}")
     px = resolve_pixel_size(pixel_size, cells.pixel_size_pm, required=True,
                             what="cell_statistics (calibrated pm / nm output)")
+    check_choice(uncertainty, "uncertainty", _METHODS)
+    n_bootstrap, seed = _check_bootstrap(n_bootstrap, seed)
     if cells.n_cells < 2:
         raise ValueError(f"cell_statistics needs at least 2 cells; got {cells.n_cells}")
     c = cells.to_numpy()

@@ -15,13 +15,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._checks import check_choice
+from .._checks import check_choice, check_real
 from .._inputs import resolve_pixel_size
 from ..backend import HostCopyMixin, is_cupy_array, to_host
 
 __all__ = ["XY", "DriftReport", "drift_report"]
 
 _MODELS = ("linear", "poly", "spline")
+#: Fewest residual degrees of freedom (frames minus the fit's) a jitter estimate needs.
+_MIN_RESIDUAL_DOF = 1.0
+#: Largest shift accepted, px: with a pixel size of at most 1e9 pm (_inputs) the sums of
+#: squared offsets stay far from overflow.
+_MAX_SHIFT_PX = 1e12
 
 
 class XY(NamedTuple):
@@ -242,7 +247,7 @@ def _gcv_lambda(t, y):
     for lam in np.logspace(-4, 8, 49) * (np.ptp(t) / n) ** 3:
         fit = make_smoothing_spline(t, y, lam=lam)(t)
         tr = _hat_trace(t, lam)
-        if tr >= n - 1e-6:
+        if tr > n - _MIN_RESIDUAL_DOF:  # (nearly) interpolating: no residual to call jitter
             continue
         score = n * np.sum((y - fit) ** 2) / (n - tr) ** 2
         if score < best_score:
@@ -276,7 +281,9 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     degree : int
         Polynomial degree for ``model="poly"`` (default 2).
     smoothing : float, optional
-        Smoothing parameter ``lam`` of :func:`scipy.interpolate.make_smoothing_spline`.
+        Smoothing parameter ``lam`` (>= 0) of :func:`scipy.interpolate.make_smoothing_spline`.
+        A value so small that the spline leaves less than one residual degree of freedom
+        (``smoothing=0`` interpolates every shift) is refused: no jitter can be measured.
     exclude : (n,) bool array, optional
         Frames left out of the fit and the statistics (their jitter is still reported).
 
@@ -288,7 +295,8 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     ------
     ValueError
         Shifts not of shape (n, 2), non-finite shifts, too few frames for the model, no
-        pixel size, a non-positive ``frame_time``, an unknown ``model`` or a bad ``degree``.
+        pixel size, a non-positive ``frame_time``, an unknown ``model``, a bad ``degree``, a
+        ``smoothing`` that leaves no residual degrees of freedom.
     TypeError
         If ``shifts`` is neither an array nor a RigidResult.
 
@@ -323,10 +331,14 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
     n = len(s)
     exclude = _check_exclude(exclude, default_exclude, n)
     used = ~exclude
-    need = {"linear": 3, "poly": int(degree) + 2, "spline": 5}[model]
+    # degree only counts for model="poly" (int(degree) of another model's None would fail)
+    need = {"linear": 3, "spline": 5}[model] if model != "poly" else int(degree) + 2
     if used.sum() < need:
         raise ValueError(
-            f"model={model!r} needs at least {need} frames (not excluded); got {int(used.sum())}")
+            f"shifts: model={model!r} needs at least {need} frames (not excluded); got "
+            f"{int(used.sum())}")
+    if smoothing is not None and model == "spline":
+        smoothing = check_real(smoothing, "smoothing", minimum=0)
 
     offsets = s * px
     frames = np.arange(n, dtype=float)
@@ -340,6 +352,14 @@ def drift_report(shifts, *, pixel_size=None, frame_time=None, model="linear", de
         lams.append(lam)
     jitter = offsets - smooth
     nu = int(used.sum())
+    if model == "spline" and nu - max(dofs) < _MIN_RESIDUAL_DOF:
+        # An (almost) interpolating spline passes through every measured shift: its residual
+        # is ~0 by construction and says nothing about the jitter (it would read 0 +- 0).
+        raise ValueError(
+            f"smoothing={smoothing!r} leaves {nu - max(dofs):.3g} residual degrees of freedom "
+            f"(the spline uses {max(dofs):.4g} of {nu} frames): the fit passes through every "
+            "shift (nearly), so no jitter can be measured; use a larger smoothing, or "
+            "smoothing=None (chosen by cross-validation)")
     # Each axis has its own fit (a spline chooses its smoothing per axis): its own dof.
     std = np.sqrt((jitter[used] ** 2).sum(axis=0) / np.maximum(nu - np.asarray(dofs), 1.0))
 
@@ -383,18 +403,33 @@ def _shift_input(shifts):
     if not (isinstance(shifts, np.ndarray) or isinstance(shifts, list | tuple)):
         raise TypeError(
             f"shifts must be an (n, 2) array of px or a RigidResult; got {type(shifts).__name__}")
-    s = np.asarray(shifts, dtype=float)
+    try:
+        s = np.asarray(shifts, dtype=float)
+    except (TypeError, ValueError):  # strings, ragged lists: not NumPy's message
+        raise ValueError("shifts must be an (n, 2) array of numbers (row, col) in px; got "
+                         f"{type(shifts).__name__} {_short(shifts)}") from None
     if s.ndim != 2 or s.shape[1] != 2:
         raise ValueError(f"shifts must have shape (n, 2) (row, col) in px; got {s.shape}")
     if not np.all(np.isfinite(s)):
         bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
         raise ValueError(f"shifts must be finite; frames {bad.tolist()[:20]} are not")
+    if s.size and np.abs(s).max() > _MAX_SHIFT_PX:  # squares of larger ones overflow
+        bad = np.flatnonzero((np.abs(s) > _MAX_SHIFT_PX).any(axis=1))
+        raise ValueError(f"shifts must be at most {_MAX_SHIFT_PX:g} px in magnitude (larger "
+                         f"than any image); frames {bad.tolist()[:20]} are not")
     return s, px_from_data, default_exclude
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_frame_time(frame_time):
     if frame_time is None:
         return None
+    if isinstance(frame_time, bool | str | bytes) or getattr(frame_time, "ndim", 0) != 0:
+        raise ValueError(f"frame_time must be a positive number of s; got {frame_time!r}")
     try:
         ft = float(frame_time)
     except (TypeError, ValueError):
@@ -408,7 +443,12 @@ def _check_frame_time(frame_time):
 def _check_exclude(exclude, default_exclude, n):
     if exclude is None:
         exclude = default_exclude if default_exclude is not None else np.zeros(n, dtype=bool)
-    exclude = np.asarray(exclude, dtype=bool)
+    raw = np.asarray(exclude)
+    # A mask, not frame indices: [3, 5] would silently read as "exclude everything".
+    if raw.dtype.kind not in "biu" or (raw.dtype.kind in "iu" and not np.isin(raw, (0, 1)).all()):
+        raise ValueError(f"exclude must be a boolean mask of shape ({n},); got "
+                         f"{_short(exclude)} (dtype {raw.dtype})")
+    exclude = raw.astype(bool)
     if exclude.shape != (n,):
         raise ValueError(f"exclude must be a boolean mask of shape ({n},); got {exclude.shape}")
     return exclude
