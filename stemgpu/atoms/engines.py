@@ -144,8 +144,15 @@ class KernelEngine(FitEngine):
 
     The kernel has no held-parameter mask: fits with ``fixed`` (the held-width refits of
     ``fit_atoms``) run the array code of :class:`ArrayEngine` on the same device.
+
+    Attributes
+    ----------
+    compute_dtype : {"auto", "float64", "float32"}
+        The kernel's arithmetic (see :func:`stemgpu.atoms.cuda.lm_fit_kernel`); ``"auto"``
+        is float64 on data-centre GPUs and float32 where the device's FP64 rate is low.
     """
 
+    compute_dtype: str = "auto"
     name: ClassVar[str] = "kernel"
     backends: ClassVar[tuple[str, ...]] = ("cupy",)
 
@@ -159,7 +166,8 @@ class KernelEngine(FitEngine):
 
         return lm_fit_kernel(self.stack, frame_index, origins, init, window=windows.shape[1],
                              model=model.name, estimator=self.estimator,
-                             max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset)
+                             max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset,
+                             compute_dtype=self.compute_dtype)
 
 
 #: The engines by name; ``"auto"`` picks :data:`AUTO` of the backend.
