@@ -2,7 +2,7 @@
 
 Run from a source tree (no install needed)::
 
-    PYTHONPATH=. python -m benchmarks.gpu_suite                # GPU machine, ~8 minutes
+    PYTHONPATH=. python -m benchmarks.gpu_suite                # GPU machine, <= 7.5 min
     PYTHONPATH=. python -m benchmarks.gpu_suite --out results  # JSON there (default: $OUT)
     STEMGPU_CUPY_STANDIN=1 PYTHONPATH=.:tests python -m benchmarks.gpu_suite --small
                                                                # dry run on the CuPy stand-in
@@ -21,15 +21,20 @@ In one call, each part timed and guarded (a failing part is reported, the others
    stack < 30 s (a Nion ``.ndata`` file of tiled simulated frames, the CLI in a fresh process:
    start-up, kernel compilation, reading and saving included);
 4. the pytest-benchmark groups ``rigid``, ``demons``, ``fit``, ``cells``, ``pipeline`` on NumPy
-   and CuPy (I/O left out: results files need sidpy / pyNSID), rendered as
-   ``benchmarks/RESULTS.md`` tables.
+   and CuPy (I/O left out: results files need sidpy / pyNSID), one pytest run per group
+   (fastest first, so the time budget cuts the slowest), rendered as ``benchmarks/RESULTS.md``
+   tables.
 
 It prints the device (name, compute capability, FP32:FP64 ratio, the kernel arithmetic
 ``compute_dtype="auto"`` picks), the tables and a goals table, and writes ``gpu_suite.json``
-(and the benchmark JSON) to ``--out`` / ``$OUT`` / a temporary folder. ``--small`` shrinks every
-size for the stand-in (and runs only the ``fit`` and ``cells`` benchmark groups, whose default
-sizes take seconds there); ``STEMGPU_BENCH_FULL=1`` adds 10^7 kernel fits. ``--budget-s``
-(default 480) bounds the subprocesses: a part that would start past it is skipped.
+(and one benchmark JSON per group) to ``--out`` / ``$OUT`` / a temporary folder. ``--small``
+shrinks every size for the stand-in (and runs only the ``fit`` and ``cells`` benchmark groups,
+whose default sizes take seconds there); ``STEMGPU_BENCH_FULL=1`` adds 10^7 kernel fits.
+``--budget-s`` (default 450) bounds the whole run: subprocesses get the time left, and a part
+(or benchmark group) that would start past it is skipped and reported as such.
+
+Paste the printed kernel, goals and benchmark tables into ``benchmarks/RESULTS.md`` (the
+kernel and goals tables under a "GPU" heading with the device line printed above them).
 """
 
 from __future__ import annotations
@@ -65,15 +70,16 @@ class Sizes:
     run: tuple[int, int]          # (frames, side) of the `stemgpu run` goal
     run_unique: int               # distinct simulated frames, tiled to `run` frames
     run_timeout_s: float
-    bench_k: str | None           # pytest -k of the stage benchmarks (None: all)
+    bench_files: tuple[str, ...]  # benchmarks/bench_<name>.py groups, fastest first
 
 
 DEFAULT = Sizes(fits=(100_000, 1_000_000), numpy_subset=20_000, lattice_frame=512,
                 demons=(50, 1024, 1024), simpleitk_frames=2, run=(100, 2048), run_unique=8,
-                run_timeout_s=240.0, bench_k=None)
+                run_timeout_s=240.0,
+                bench_files=("fit", "cells", "demons", "rigid", "pipeline"))
 SMALL = Sizes(fits=(2_000,), numpy_subset=500, lattice_frame=256, demons=(4, 128, 128),
               simpleitk_frames=1, run=(4, 256), run_unique=4, run_timeout_s=300.0,
-              bench_k="fit or cells")
+              bench_files=("fit", "cells"))
 
 
 def _windows(n, frame, seed=0):
@@ -227,27 +233,42 @@ def run_goal(sizes, work: Path, env: dict, timeout: float):
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", f"killed after {timeout:.0f} s"
     wall = time.perf_counter() - t0
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # keep $OUT small: only the timings come back
+    (work / "run-stemgpu.h5").unlink(missing_ok=True)
     return {"case": f"{frames}x{side}x{side}", "unique_frames": min(sizes.run_unique, frames),
             "wall_s": wall, "rc": rc, "output_tail": tail}
 
 
-def run_stage_benchmarks(env, out_dir: Path, sizes, timeout: float):
-    """The pytest-benchmark groups as RESULTS.md tables; the JSON goes to ``out_dir``."""
+def run_stage_benchmarks(env, out_dir: Path, sizes, deadline: float):
+    """The pytest-benchmark groups as RESULTS.md tables, one file (group) per pytest run so a
+    run cut by the time budget keeps the groups already measured; JSON per group in
+    ``out_dir``, merged for the tables."""
     from .report import render
 
-    path = out_dir / "gpu_suite_benchmarks.json"
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q",
-           "-p", "no:cacheprovider", "--ignore=benchmarks/bench_io.py",
-           f"--benchmark-json={path}"] + (["-k", sizes.bench_k] if sizes.bench_k else [])
-    try:
-        rc = subprocess.call(cmd, env=env, cwd=ROOT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    print(f"\npytest benchmarks: exit code {rc}; JSON: {path}\n")
-    tables = render(json.loads(path.read_text())) if path.exists() else ""
+    merged, runs = None, {}
+    for name in sizes.bench_files:
+        left = deadline - time.monotonic()
+        if left < 20:
+            runs[name] = "skipped (time budget spent)"
+            continue
+        path = out_dir / f"gpu_suite_bench_{name}.json"
+        cmd = [sys.executable, "-m", "pytest", f"benchmarks/bench_{name}.py", "--benchmark-only",
+               "-q", "-p", "no:cacheprovider", f"--benchmark-json={path}"]
+        try:
+            rc = subprocess.call(cmd, env=env, cwd=ROOT, timeout=left)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        runs[name] = rc
+        if path.exists():
+            run = json.loads(path.read_text())
+            if merged is None:
+                merged = run
+            else:
+                merged["benchmarks"] += run["benchmarks"]
+    print(f"\npytest benchmarks: exit codes {runs}\n")
+    tables = render(merged) if merged else ""
     print(tables)
-    return {"rc": rc, "json": str(path), "tables": tables}
+    return {"rc": runs, "json_dir": str(out_dir), "tables": tables}
 
 
 def device_info(be) -> dict:
@@ -325,8 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true",
                     help="small sizes (the CuPy stand-in, or a quick check on a GPU)")
     ap.add_argument("--out", help="folder for the JSON (default: $OUT, else a temporary one)")
-    ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="time budget of the whole run in seconds (default 480)")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="time budget of the whole run in seconds (default 450)")
     ap.add_argument("--skip", default="",
                     help="comma-separated parts to leave out: tests,kernel,demons,run,stages")
     args = ap.parse_args(argv)
@@ -359,7 +380,7 @@ def main(argv=None) -> int:
     parts = {"tests": tests, "kernel": lambda: kernel_table(be, sizes),
              "demons": lambda: demons_goal(be, sizes),
              "run": lambda: run_goal(sizes, out_dir, env, min(sizes.run_timeout_s, left())),
-             "stages": lambda: run_stage_benchmarks(env, out_dir, sizes, left())}
+             "stages": lambda: run_stage_benchmarks(env, out_dir, sizes, deadline)}
     for name, fn in parts.items():
         if name not in skip:
             _part(results, name, fn, deadline)
