@@ -274,15 +274,16 @@ SG_HD void lm_fit_one(const FitData<TI, T>& fd, double orow, double ocol, const 
             // random per pixel): the convergence threshold does not go below it, so an
             // accepted step whose decrease is rounding noise ends the fit instead of walking
             // on; so does a rejected, nearly undamped Gauss-Newton step (lambda <= LAMBDA0)
-            // that raises F by no more than that while the quadratic model predicts a
-            // decrease (<= -2 g.delta) below it too: no step can lower F beyond its rounding
+            // that raises F by no more than that: no step can lower F beyond its rounding
             // (the float counterpart of the lambda > LAMBDA_MAX test, without its ~17
-            // rejections; the prediction keeps plateaus with a real gradient running).
+            // rejections). Both also need the quadratic model's predicted decrease
+            // (<= -2 g.delta) below the threshold: near a saddle of the (widths, angle)
+            // plane a step can gain little while the gradient is real, and the fit must go on.
             T thr = sg_max(tol_t * sg_max(ft, (T)1), NOISE_F32 * EPS_F32 * res_t);
             T pred = (T)0;
             for (int a = 0; a < P; ++a) pred -= (T)2 * g[a] * delta[a];
-            conv = valid && (accept ? f - ft <= thr
-                                    : ft - f <= thr && pred <= thr && lam <= (T)LAMBDA0);
+            conv = valid && pred <= thr &&
+                   (accept ? f - ft <= thr : ft - f <= thr && lam <= (T)LAMBDA0);
         } else {
             conv = accept && (f - ft <= tol_t * sg_max(ft, (T)1));
         }
