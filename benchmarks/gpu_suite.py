@@ -312,7 +312,7 @@ def goals_markdown(results) -> str:
     dem = results.get("demons") or {}
     if "x_simpleitk" in dem:
         rows.append((f"demons vs SimpleITK ({dem['case']})", f"{dem['x_simpleitk']:.1f}x "
-                     f"({dem['stemgpu_s']:.2f} s vs {dem['simpleitk_scaled_s']:.1f} s)",
+                     f"({dem['stemgpu_s']:.3g} s vs {dem['simpleitk_scaled_s']:.3g} s)",
                      ">= 100x", dem["x_simpleitk"] >= GOALS["demons_vs_simpleitk"]))
     run = results.get("run") or {}
     if "wall_s" in run:
