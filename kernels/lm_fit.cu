@@ -2,7 +2,7 @@
 //
 // Kernel: stemgpu::lm_fit_kernel<TI, T, M, EST>
 //   TI  image element type (float or double)
-//   T   per-pixel arithmetic type (float or double; sums and solves are always double)
+//   T   compute type (double: the lm.py spec; float: the float32 path of lm.cuh)
 //   M   model struct (models.cuh; the registry's Model.cuda_struct)
 //   EST estimator (0 = Poisson MLE, 1 = Poisson-weighted least squares)
 // Parameters (device pointers, C-contiguous):

@@ -48,6 +48,23 @@ def test_kernel_matches_numpy_on_device(model, estimator, compute_dtype, tol):
                                    rtol=1e-6, err_msg=f"seed={seed}")
 
 
+def test_auto_compute_dtype_follows_the_device():
+    """``compute_dtype="auto"`` (the default) is the device's choice, launch for launch."""
+    import cupy as cp
+
+    from stemgpu.atoms.cuda import auto_compute_dtype, device_compute_dtype, lm_fit_kernel
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    chosen = device_compute_dtype()
+    assert chosen == auto_compute_dtype(props)
+    stack, f_idx, origins, wins, init = _problem(5, "gaussian")
+    args = (cp.asarray(stack), cp.asarray(f_idx), cp.asarray(origins), cp.asarray(init))
+    auto = lm_fit_kernel(*args, window=K)
+    explicit = lm_fit_kernel(*args, window=K, compute_dtype=chosen)
+    for a, b in zip(auto, explicit, strict=True):
+        np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
+
+
 def test_kernel_matches_host_build_bitwise_statuses():
     """Device and host builds of the same source agree (statuses exactly, positions 1e-6 px;
     nvcc contracts to FMA on the device, not on the host)."""
@@ -107,8 +124,8 @@ def test_bad_arguments_raise():
         lm_fit_kernel(img, 0, org, cp.ones((1, 5)), window=K, estimator="l2")
     with pytest.raises(ValueError, match=r"init must have shape \(M, 5\)"):
         lm_fit_kernel(img, 0, org, cp.ones((1, 4)), window=K)
-    with pytest.raises(ValueError,
-                       match=r"compute_dtype must be one of 'float32', 'float64'; got 'half'"):
+    with pytest.raises(ValueError, match=r"compute_dtype must be one of 'auto', 'float32', "
+                                         r"'float64'; got 'half'"):
         lm_fit_kernel(img, 0, org, cp.ones((1, 5)), window=K, compute_dtype="half")
 
 

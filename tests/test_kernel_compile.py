@@ -15,6 +15,7 @@ from stemgpu.atoms import models
 from stemgpu.atoms.cuda import (
     ESTIMATOR_CODES,
     KERNEL_SOURCE,
+    auto_compute_dtype,
     kernel_dir,
     kernel_name,
     name_expressions,
@@ -71,7 +72,7 @@ def _compile(arch, extra=()):
 
 
 @pytest.mark.parametrize("extra", [(), CUPY_ADDED_OPTIONS], ids=["loader", "loader+cupy"])
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])  # A100, RTX A-series, H100
 def test_kernels_compile_with_nvrtc(arch, extra):
     log, lowered, cubin_size = _compile(arch, extra)
     assert "warning" not in log.lower(), log
@@ -138,3 +139,27 @@ def test_loader_options_are_the_tested_ones():
     opts = nvrtc_options()
     assert f"-I{kernel_dir()}" in opts
     assert not any("fast-math" in o or "fmad" in o for o in opts)
+
+
+@pytest.mark.parametrize("props,expected", [
+    ({"name": b"NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
+      "singleToDoublePrecisionPerfRatio": 2}, "float64"),
+    ({"name": b"NVIDIA H200", "major": 9, "minor": 0,
+      "singleToDoublePrecisionPerfRatio": 2}, "float64"),
+    ({"name": b"NVIDIA A100-SXM4-80GB", "major": 8, "minor": 0,
+      "singleToDoublePrecisionPerfRatio": 2}, "float64"),
+    ({"name": b"NVIDIA RTX A6000", "major": 8, "minor": 6,
+      "singleToDoublePrecisionPerfRatio": 32}, "float32"),
+    ({"name": b"NVIDIA GeForce RTX 4090", "major": 8, "minor": 9,
+      "singleToDoublePrecisionPerfRatio": 64}, "float32"),
+    ({"name": b"Tesla T4", "major": 7, "minor": 5,
+      "singleToDoublePrecisionPerfRatio": 32}, "float32"),
+    # no ratio reported (0 or missing): the compute capability decides
+    ({"major": 9, "minor": 0, "singleToDoublePrecisionPerfRatio": 0}, "float64"),
+    ({"major": 7, "minor": 0}, "float64"),
+    ({"major": 8, "minor": 6}, "float32"),
+    ({"major": 12, "minor": 0}, "float32"),
+    ({}, "float32"),
+])
+def test_auto_compute_dtype_from_device_properties(props, expected):
+    assert auto_compute_dtype(props) == expected

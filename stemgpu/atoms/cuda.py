@@ -9,6 +9,8 @@ This module is the one home of the fused CUDA Levenberg-Marquardt kernel (CuPy
 - **compilation**: :func:`nvrtc_options`, :func:`kernel_name`, :func:`name_expressions`, the
   same definitions the CI NVRTC test compiles, so what CI compiles is what users run;
 - **loader**: :func:`get_module` (compiled on first use, per device and specialisation);
+- **precision**: :func:`auto_compute_dtype` / :func:`device_compute_dtype`, the arithmetic
+  ``compute_dtype="auto"`` picks from the device's FP64 rate;
 - **launch**: :func:`lm_fit_kernel`.
 
 The kernel (``kernels/lm_fit.cu`` and its headers) reproduces the algorithm specified in
@@ -38,10 +40,15 @@ from .lm import LMOutput
 from .models import ESTIMATORS, MODELS, check_estimator, get_model
 
 __all__ = [
+    "AUTO_FP64_MAX_RATIO",
     "BLOCK",
+    "COMPUTE_DTYPES",
     "DTYPE_PAIRS",
     "ESTIMATOR_CODES",
+    "HIGH_FP64_CC",
     "KERNEL_SOURCE",
+    "auto_compute_dtype",
+    "device_compute_dtype",
     "get_module",
     "kernel_dir",
     "kernel_name",
@@ -62,6 +69,14 @@ DTYPE_PAIRS = (("float32", "float32"), ("float32", "float64"), ("float64", "floa
 _CTYPE = {"float32": "float", "float64": "double"}
 #: Threads per block (one fit per thread; any multiple of 32 works).
 BLOCK = 128
+#: Values of ``lm_fit_kernel(compute_dtype=...)``.
+COMPUTE_DTYPES = ("auto", "float32", "float64")
+#: FP32:FP64 throughput ratio up to which ``compute_dtype="auto"`` keeps float64 arithmetic
+#: (data-centre GPUs: 2; workstation / consumer cards: 32 or 64).
+AUTO_FP64_MAX_RATIO = 4
+#: Compute capabilities with a half-rate FP64 unit (P100, V100, A100 / A30, H100 / H200 /
+#: GH200, B100 / B200): the fallback when the device does not report its FP64 ratio.
+HIGH_FP64_CC = ((6, 0), (7, 0), (8, 0), (9, 0), (10, 0))
 
 
 def kernel_dir() -> Path:
@@ -165,6 +180,55 @@ def name_expressions() -> tuple[str, ...]:
                  for i, c in DTYPE_PAIRS)
 
 
+def auto_compute_dtype(props) -> str:
+    """The kernel arithmetic for a device: ``"float64"`` where FP64 runs at a high rate.
+
+    Parameters
+    ----------
+    props : mapping
+        ``cupy.cuda.runtime.getDeviceProperties(device)``: its
+        ``singleToDoublePrecisionPerfRatio`` (FP32:FP64 throughput) decides, float64 up to
+        :data:`AUTO_FP64_MAX_RATIO`; without it, the compute capability (``major``,
+        ``minor``) is looked up in :data:`HIGH_FP64_CC`.
+
+    Returns
+    -------
+    str
+        ``"float64"`` (the :mod:`stemgpu.atoms.lm` spec exactly; H100 / H200 / A100) or
+        ``"float32"`` (workstation and consumer GPUs, FP64 at 1/32-1/64 of FP32).
+
+    Examples
+    --------
+    >>> from stemgpu.atoms.cuda import auto_compute_dtype
+    >>> auto_compute_dtype({"name": b"NVIDIA H200", "major": 9, "minor": 0,
+    ...                     "singleToDoublePrecisionPerfRatio": 2})
+    'float64'
+    >>> auto_compute_dtype({"name": b"NVIDIA RTX A6000", "major": 8, "minor": 6,
+    ...                     "singleToDoublePrecisionPerfRatio": 32})
+    'float32'
+    >>> auto_compute_dtype({"major": 8, "minor": 9})  # no ratio reported: L4 / RTX 40xx
+    'float32'
+    """
+    ratio = props.get("singleToDoublePrecisionPerfRatio")
+    if ratio:
+        return "float64" if int(ratio) <= AUTO_FP64_MAX_RATIO else "float32"
+    cc = (int(props.get("major", 0)), int(props.get("minor", 0)))
+    return "float64" if cc in HIGH_FP64_CC else "float32"
+
+
+@functools.cache
+def _device_compute_dtype(device_id: int) -> str:
+    cp = resolve_backend("cupy").xp
+    return auto_compute_dtype(cp.cuda.runtime.getDeviceProperties(device_id))
+
+
+def device_compute_dtype(device_id: int | None = None) -> str:
+    """:func:`auto_compute_dtype` of a CUDA device (default: the current one), cached."""
+    if device_id is None:
+        device_id = resolve_backend("cupy").xp.cuda.Device().id
+    return _device_compute_dtype(int(device_id))
+
+
 @functools.cache
 def _module_for(device_id: int, name: str):
     cp = resolve_backend("cupy").xp
@@ -180,21 +244,27 @@ def _module_for(device_id: int, name: str):
 
 
 def get_module(model: str = "gaussian", estimator: str = "mle", image_dtype: str = "float32",
-               compute_dtype: str = "float64"):
+               compute_dtype: str = "auto"):
     """The compiled ``RawModule`` of one kernel specialisation for the current CUDA device.
 
     Compiled on first use, once per device and specialisation (see :func:`kernel_name` for
-    the accepted combinations); call it ahead of a timed or synchronisation-checked launch to
+    the accepted combinations; ``compute_dtype="auto"`` resolves as in
+    :func:`lm_fit_kernel`); call it ahead of a timed or synchronisation-checked launch to
     keep the compilation out of it.
     """
     cp = resolve_backend("cupy").xp
+    check_choice(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+    if image_dtype == "float64":
+        compute_dtype = "float64"
+    elif compute_dtype == "auto":
+        compute_dtype = device_compute_dtype()
     name = kernel_name(get_model(model).name, estimator, image_dtype, compute_dtype)
     return _module_for(cp.cuda.Device().id, name)
 
 
 def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="gaussian",
                   estimator="mle", max_iter=50, tol=1e-7, gain=1.0, offset=None,
-                  compute_dtype="float64") -> LMOutput:
+                  compute_dtype="auto") -> LMOutput:
     """Fit one model per window on the GPU with the fused LM kernel.
 
     Parameters
@@ -219,10 +289,15 @@ def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="
         Counts per data unit.
     offset : (M, k, k) array, optional
         Known additive model part in data units (fitted neighbouring columns).
-    compute_dtype : {"float64", "float32"}
-        Arithmetic of the per-pixel Jacobian passes. ``"float64"`` (default) follows the
-        :mod:`stemgpu.atoms.lm` spec exactly; ``"float32"`` keeps the objective, sums and
-        solves in float64 and agrees to ~1e-5 px on well-posed fits (float32 images only).
+    compute_dtype : {"auto", "float64", "float32"}
+        Arithmetic of the fit. ``"float64"`` follows the :mod:`stemgpu.atoms.lm` spec
+        exactly. ``"float32"`` (float32 images only; float64 images always use float64) runs
+        model, objective, sums, accept / converge decisions and solves in float32, with
+        compensated sums, a log1p deviance, Jacobi-scaled Cholesky and a convergence
+        threshold kept above float32 rounding (``kernels/lm.cuh``): on well-posed fits it
+        takes the same status decisions as float64 and positions agree to ~3e-4 px (< 1 % of
+        the CRLB; measured on the host build). ``"auto"`` (default):
+        :func:`device_compute_dtype`, float64 on data-centre GPUs, float32 where FP64 is slow.
 
     Returns
     -------
@@ -252,7 +327,7 @@ def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="
     cp = be.xp
     mdl = get_model(model)
     check_estimator(estimator)
-    check_choice(compute_dtype, "compute_dtype", ("float32", "float64"))
+    check_choice(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     stack = cp.asarray(image_or_stack)
     if stack.ndim == 2:
         stack = stack[None]
@@ -264,6 +339,8 @@ def lm_fit_kernel(image_or_stack, frame_index, origins, init, *, window, model="
     image_dtype = np.dtype(stack.dtype).name
     if image_dtype == "float64":
         compute_dtype = "float64"
+    elif compute_dtype == "auto":
+        compute_dtype = device_compute_dtype()
     k = int(window)
     if k < 1:
         raise ValueError(f"window must be a positive number of pixels; got {window!r}")

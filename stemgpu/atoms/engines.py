@@ -150,8 +150,15 @@ class KernelEngine(FitEngine):
     The kernel has no held-parameter mask and no dip (dark-contrast) models: fits with
     ``fixed`` (the held-width refits of ``fit_atoms``) and fits of a model with ``sign`` -1
     run the array code of :class:`ArrayEngine` on the same device.
+
+    Attributes
+    ----------
+    compute_dtype : {"auto", "float64", "float32"}
+        The kernel's arithmetic (see :func:`stemgpu.atoms.cuda.lm_fit_kernel`); ``"auto"``
+        is float64 on data-centre GPUs and float32 where the device's FP64 rate is low.
     """
 
+    compute_dtype: str = "auto"
     name: ClassVar[str] = "kernel"
     backends: ClassVar[tuple[str, ...]] = ("cupy",)
 
@@ -165,7 +172,8 @@ class KernelEngine(FitEngine):
 
         return lm_fit_kernel(self.stack, frame_index, origins, init, window=windows.shape[1],
                              model=model.name, estimator=self.estimator,
-                             max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset)
+                             max_iter=self.max_iter, tol=self.tol, gain=gain, offset=offset,
+                             compute_dtype=self.compute_dtype)
 
 
 def _compiled_solver(windows, origins, init, **kwargs):
