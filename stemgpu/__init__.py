@@ -39,6 +39,7 @@ _LAZY = {
     "register_demons": "stemgpu.registration.demons",
     "DemonsResult": "stemgpu.registration.demons",
     "find_atoms": "stemgpu.atoms.find",
+    "detect_contrast": "stemgpu.atoms.find",
     "fit_atoms": "stemgpu.atoms.fit",
     "AtomFit": "stemgpu.atoms.fit",
     "crlb": "stemgpu.atoms.crlb",

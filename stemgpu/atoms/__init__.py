@@ -3,10 +3,13 @@
 =====================  ==========================================================
 module                 owns
 =====================  ==========================================================
-:mod:`.find`           :func:`find_atoms`, :func:`estimate_sigma`
+:mod:`.find`           :func:`find_atoms`, :func:`estimate_sigma`, :func:`detect_contrast`
 :mod:`.fit`            :func:`fit_atoms`, :class:`AtomFit` (validation + passes)
 :mod:`._passes`        the named passes of ``fit_atoms`` (neighbours, refits, ...)
-:mod:`.engines`        :class:`FitEngine`, :class:`ArrayEngine`, :class:`KernelEngine`
+:mod:`.engines`        :class:`FitEngine`, :class:`ArrayEngine`, :class:`CompiledEngine`,
+                       :class:`KernelEngine`
+:mod:`._compiled`      the compiled CPU engine (numba, loaded on first use)
+:mod:`.track`          :func:`track_columns`, :class:`ColumnTracks` (every frame)
 :mod:`.lm`             the LM specification and the array implementation
 :mod:`.cuda`           the CUDA kernel: sources, NVRTC options, loader, launch
 :mod:`.models`         the model registry (:data:`MODELS`), estimators, status codes
@@ -33,6 +36,11 @@ _LAZY = {
     "find_atoms": "find",
     "FoundAtoms": "find",
     "estimate_sigma": "find",
+    "detect_contrast": "find",
+    "track_columns": "track",
+    "ColumnTracks": "track",
+    "CompiledEngine": "engines",
+    "with_contrast": "models",
     "fit_atoms": "fit",
     "AtomFit": "fit",
     "crlb": "crlb",
