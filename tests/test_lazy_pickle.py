@@ -9,11 +9,10 @@ import zipfile
 import h5py
 import numpy as np
 import pytest
+from nion_files import write_library_ndata
 
 from stemgpu.io.lazy import LazyStack
 from stemgpu.io.nion import open_frames
-
-from nion_files import write_library_ndata
 
 STACK = np.arange(12 * 32 * 40, dtype=np.float32).reshape(12, 32, 40)
 
