@@ -20,13 +20,15 @@ batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .._progress import progress_bar
 
-__all__ = ["ParallelStageError", "cluster_client", "describe_client", "map_bounded"]
+__all__ = ["ParallelStageError", "cluster_client", "describe_client", "map_bounded",
+           "register_rigid_on"]
 
 #: Tasks queued per worker: one running, one whose inputs are being read.
 INFLIGHT = 2
@@ -139,7 +141,7 @@ def _n_workers(client) -> int:
 
 def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any], str],
                 stage: str, args: Iterable = (), progress: bool = False,
-                desc: str | None = None, inflight: int = INFLIGHT,
+                desc: str | None = None, inflight: int = INFLIGHT, leave: bool = True,
                 on_error: Callable[[Any, BaseException], Any] | None = None) -> list:
     """``[func(item, *args) for item in items]`` on the cluster, in item order.
 
@@ -176,7 +178,8 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
         ac.add(fut)
         return True
 
-    bar = progress_bar(progress, total=len(items), desc=desc or stage, unit="task")
+    bar = progress_bar(progress, total=len(items), desc=desc or stage, unit="batch",
+                       leave=leave)
     try:
         for _ in range(limit):
             if not submit_next():
@@ -184,7 +187,7 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
         for fut in ac:
             i = futures.pop(fut.key)
             try:
-                results[i] = fut.result()
+                results[i] = _aligned(fut.result())
             except Exception as exc:
                 if on_error is None:
                     for other in list(ac.futures):
@@ -221,10 +224,297 @@ def _run_here(func, *args):
         # so the setting below wins
         get_client()
     with dask.config.set(scheduler="sync"):
-        return func(*args)
+        return func(*(_aligned(a) for a in args))
+
+
+def _aligned(obj):
+    """``obj`` with every NumPy array in it (also in tuples and lists) in its own memory.
+
+    Arrays unpickled from dask's message frames can sit at odd addresses; NumPy then takes
+    buffered loops whose reductions sum in another order than on aligned memory, which
+    changes the last bits of results. A copy is aligned, as in-process arrays are.
+    """
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return obj if obj.flags.aligned and obj.flags.writeable else obj.copy()
+    if isinstance(obj, tuple | list):
+        return type(obj)(_aligned(x) for x in obj)
+    return obj
 
 
 def _is_large(obj) -> bool:
     """Arrays worth one broadcast scatter instead of a copy inside every task."""
     nbytes = getattr(obj, "nbytes", 0)
     return isinstance(nbytes, int) and nbytes > (1 << 20) and not hasattr(obj, "frame_range")
+
+
+# --------------------------------------------------------------------------- rigid registration
+#
+# The passes of stemgpu.registration._rigid_passes, with each batch a task. A task gets the
+# shared context (the plan without its backend, and the picklable source or nothing), its
+# frame range and what earlier passes produced (host shifts, the summed spectra), and
+# returns host arrays; the client merges them in batch order, exactly as the in-process
+# loops do, so the NumPy results are bit-identical.
+
+_RIGID_OPTIONS = {"reference", "upsample", "window", "normalization", "max_shift", "mode",
+                  "iterations", "polish", "batch_size", "order", "keep_registered", "out",
+                  "band"}
+
+
+class _RigidContext:
+    """What every rigid task needs: a plan to rebuild on the worker, and the frames."""
+
+    def __init__(self, plan, source, dtype):
+        be = plan.be
+        self.backend = be.name
+        self.plan = dataclasses.replace(
+            plan, be=None, progress=False,
+            window=None if plan.window is None else be.to_numpy(plan.window),
+            col_weights=be.to_numpy(plan.col_weights))
+        self.source = source  # a picklable lazy source, or None (frames travel with tasks)
+        self.dtype = dtype
+
+    def worker_plan(self):
+        from ..backend import resolve_backend
+
+        be = resolve_backend(self.backend)
+        p = self.plan
+        return dataclasses.replace(
+            p, be=be, window=None if p.window is None else be.asarray(_aligned(p.window)),
+            col_weights=be.asarray(_aligned(p.col_weights)))
+
+    def frames(self, plan, start, stop, data):
+        """Frames ``start:stop`` on the worker's backend, read as ``rigid._Source`` does."""
+        from types import SimpleNamespace
+
+        from ..registration.rigid import _Source
+
+        if self.source is None:
+            return plan.be.asarray(data)
+        reader = SimpleNamespace(lazy=True, data=self.source, dtype=self.dtype, be=plan.be)
+        return _Source.read(reader, start, stop)
+
+
+def _rigid_spectra(ctx, item):
+    from ..registration import _rigid_passes as passes
+
+    plan = ctx.worker_plan()
+    start, stop, data = item[:3]
+    return plan, passes.Spectra(plan, cache=False), ctx.frames(plan, start, stop, data)
+
+
+def _task_steps(item, ctx):
+    """Frame-to-previous steps of frames ``start:stop`` (reads frame ``start - 1`` too)."""
+    from ..registration import _rigid_passes as passes
+
+    plan, spectra, frames = _rigid_spectra(ctx, item)
+    first = item[3]  # frames[0] is frame start - 1 unless this is the first batch
+    spec, _ = spectra.get(None, frames)
+    prev, spec = (None, spec) if first else (spec[:1], spec[1:])
+    return passes._frame_steps(plan, prev, spec)
+
+
+def _task_shifted_sum(item, ctx):
+    plan, spectra, frames = _rigid_spectra(ctx, item)
+    spec, _ = spectra.get(None, frames)
+    return plan.be.to_numpy(spectra.shifted_sum(spec, item[3]))
+
+
+def _task_leave_one_out(item, ctx, total):
+    from ..registration import _rigid_passes as passes
+
+    plan, spectra, frames = _rigid_spectra(ctx, item)
+    spec, _ = spectra.get(None, frames)
+    shifts = item[3]
+    loo = passes._leave_one_out(plan, plan.be.asarray(total), spec, shifts)
+    new, quality, at_limit = passes._near(plan, loo, spec, shifts, plan.limit)
+    return new, quality, at_limit, plan.be.to_numpy(spectra.shifted_sum(spec, new))
+
+
+def _task_to_frame(item, ctx, ref_frame):
+    from ..registration import _dft
+    from ..registration import _rigid_passes as passes
+
+    plan, spectra, frames = _rigid_spectra(ctx, item)
+    spec, _ = spectra.get(None, frames)
+    ref_spec = _dft.prepare_spectra(plan.be, plan.be.asarray(ref_frame), plan.window)[0]
+    return passes._near(plan, ref_spec, spec, item[3], plan.limit)
+
+
+def _task_write(item, ctx, order, keep):
+    from ..registration import _rigid_passes as passes
+
+    plan, _, frames = _rigid_spectra(ctx, item)
+    be, xp = plan.be, plan.be.xp
+    moved = passes.shift_batch(be, frames, item[3], order)
+    part = be.to_numpy(moved.sum(axis=0, dtype=xp.float64))
+    return part, (be.to_numpy(moved) if keep else None)
+
+
+def _check_rigid_options(options) -> dict:
+    unknown = set(options) - _RIGID_OPTIONS
+    if unknown:
+        raise TypeError(f"register_rigid got unexpected option(s) {sorted(unknown)}")
+    if options.get("mode", "reference") != "reference" or options.get("polish", False):
+        raise ValueError("client=: rigid registration on a cluster supports mode='reference' "
+                         "without polish; got mode="
+                         f"{options.get('mode', 'reference')!r}, polish="
+                         f"{options.get('polish', False)!r} (use client=None)")
+    if options.get("out") is not None:
+        raise ValueError("client=: out= is not supported on a cluster (use client=None)")
+    return dict(options)
+
+
+def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=False,
+                      **options):
+    """:func:`stemgpu.register_rigid` with every frame batch a task on ``client``.
+
+    Supports ``mode="reference"`` (``reference="mean"`` with ``iterations``, or a frame
+    index) without ``polish`` and without ``out=``; the other options are those of
+    ``register_rigid``. A lazy source (:class:`~stemgpu.io.lazy.LazyStack`) goes to the
+    workers as a file reference and each task reads its own frames (plus the frame before,
+    for the frame-to-previous pass); an in-memory stack is sent batch by batch. The passes
+    are those of the in-process code and the client sums the per-batch results in batch
+    order, so on NumPy the shifts, quality and mean are bit-identical to
+    ``register_rigid(stack, ...)`` with the same ``batch_size``. The first pass reads the
+    frames twice (steps, then the sums at the chained shifts): one pass more than in process.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As ``register_rigid``; also for ``mode="pairs"``, ``polish=True`` or ``out=``.
+    ParallelStageError
+        A batch failed for good; the message names the pass and the frame range.
+
+    Examples
+    --------
+    >>> from stemgpu.synthetic import simulate_stack
+    >>> from stemgpu.registration.rigid import register_rigid
+    >>> from stemgpu.app.distributed import cluster_client, register_rigid_on
+    >>> stack, _ = simulate_stack((6, 64, 64), frame_jitter_px=1.0, seed=2)
+    >>> with cluster_client("local", workers=1, say=lambda s: None) as client:
+    ...     res = register_rigid_on(client, stack, batch_size=4, backend="numpy")
+    >>> ref = register_rigid(stack, batch_size=4, backend="numpy")
+    >>> bool((res.shifts == ref.shifts).all() and (res.mean == ref.mean).all())
+    True
+    """
+    import numpy as np
+
+    from .._checks import check_choice, check_int, check_pair, fail
+    from ..registration import _dft
+    from ..registration import _rigid_passes as passes
+    from ..registration import rigid as rg
+
+    options = _check_rigid_options(options)
+    reference = options.get("reference", "mean")
+    upsample = options.get("upsample", 100)
+    window = options.get("window", "hann")
+    normalization = options.get("normalization")
+    max_shift = options.get("max_shift")
+    iterations = options.get("iterations", 1)
+    order = options.get("order", "fourier")
+    band = options.get("band")
+
+    src = rg._Source(stack, backend, pixel_size)
+    be = src.be
+    n, h, w = src.shape
+    # the checks and the plan of register_rigid, in its order
+    ref_index = rg._check_reference(reference, n)
+    upsample = check_int(upsample, "upsample", minimum=1)
+    check_choice(window, "window", rg._WINDOWS)
+    check_choice(normalization, "normalization", rg._NORMALIZATIONS)
+    limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
+    band = None if band is None else check_int(band, "band", minimum=1)
+    iterations = check_int(iterations, "iterations", minimum=0)
+    order = check_choice(order, "order", rg._ORDERS)
+    keep_registered = options.get("keep_registered", True)
+    if not isinstance(keep_registered, bool):
+        fail("keep_registered", "True or False", keep_registered)
+    plan = passes.Plan(
+        be=be, shape=(n, h, w), ref_index=ref_index, upsample=upsample,
+        normalization=normalization, limit=limit, polish=False, progress=progress,
+        batch_size=be.frames_per_batch(src.shape, rg._BYTES_PER_PIXEL,
+                                       batch_size=options.get("batch_size", "auto"),
+                                       gpu_fraction=0.25, cpu_fraction=0.125,
+                                       cpu_cap=256 * 2**20, max_frames=64),
+        window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
+        col_weights=_dft.half_spectrum_weights(be.xp, w))
+    bsize = plan.batch_size
+    ranges = [(s, min(n, s + bsize)) for s in range(0, n, bsize)]
+    ctx = _RigidContext(plan, src.data if src.lazy else None, src.dtype)
+    ctx_f = client.scatter([ctx], broadcast=True)[0]
+
+    def data(start, stop):  # frames travel with the task only for in-memory stacks
+        return None if src.lazy else be.to_numpy(src.data[start:stop])
+
+    def run(func, items, desc, *args):
+        return map_bounded(client, func, items, args=(ctx_f, *args), stage=f"rigid {desc}",
+                           label=lambda it: f"frames {it[0]}:{it[1]}", progress=progress,
+                           desc=desc, leave=False)
+
+    # pass 1: frame-to-previous steps, chained on the client, then the sums at those shifts
+    items = [(max(0, s - 1), e, data(max(0, s - 1), e), s == 0) for s, e in ranges]
+    steps = run(_task_steps, items, "frame-to-frame")
+    shifts = np.zeros((n, 2))
+    quality = np.zeros(n, dtype=np.float32)
+    running = np.zeros(2)
+    for (s, e), (step, q) in zip(ranges, steps, strict=True):
+        shifts[s:e] = running + np.cumsum(step, axis=0)
+        quality[s:e] = q
+        running = shifts[e - 1].copy()
+    quality[0] = quality[1]
+    parts = run(_task_shifted_sum, [(s, e, data(s, e), shifts[s:e]) for s, e in ranges],
+                "frame-to-frame")
+    total = _ordered_sum(be, parts)
+    shifts, total = passes.recentre(plan, shifts, total)
+    at_limit = np.zeros(n, dtype=bool)
+    if ref_index is not None:
+        ref_frame = be.to_numpy(src.read(ref_index, ref_index + 1))
+        ref_f = client.scatter([ref_frame], broadcast=True)[0]
+        out = run(_task_to_frame, [(s, e, data(s, e), shifts[s:e]) for s, e in ranges],
+                  "register", ref_f)
+        shifts = np.concatenate([o[0] for o in out])
+        quality = np.concatenate([o[1] for o in out])
+        at_limit = np.concatenate([o[2] for o in out])
+    else:
+        for _ in range(iterations):
+            total_f = client.scatter([be.to_numpy(total)], broadcast=True)[0]
+            out = run(_task_leave_one_out,
+                      [(s, e, data(s, e), shifts[s:e]) for s, e in ranges], "register",
+                      total_f)
+            new = np.concatenate([o[0] for o in out])
+            quality = np.concatenate([o[1] for o in out])
+            at_limit = np.concatenate([o[2] for o in out])
+            shifts, total = passes.recentre(plan, new, _ordered_sum(be, [o[3] for o in out]))
+    keep = keep_registered and not src.lazy
+    out = run(_task_write, [(s, e, data(s, e), shifts[s:e]) for s, e in ranges], "shift",
+              order, keep)
+    mean_acc = be.xp.zeros((h, w), dtype=be.xp.float64)
+    for part, _ in out:
+        mean_acc += be.asarray(part)
+    mean_img = (mean_acc / n).astype(src.dtype)
+    registered = None
+    if keep:
+        registered = be.asarray(np.concatenate([o[1] for o in out]))
+    flagged = (quality < 0.5 * float(np.median(quality))) | at_limit
+    params = {
+        "reference": reference, "upsample": upsample, "window": window,
+        "normalization": normalization, "max_shift": limit, "mode": "reference", "band": band,
+        "iterations": iterations if ref_index is None else 0,
+        "polish": False, "batch_size": bsize, "order": order, "backend": be.name,
+        "streamed": src.lazy, "shape": (n, h, w),
+    }
+    return rg.RigidResult(
+        shifts=shifts, quality=quality, registered=registered, mean=mean_img,
+        valid_region=rg.valid_region(shifts, (n, h, w), order), flagged=flagged,
+        pixel_size_pm=src.pixel_size_pm, parameters=params)
+
+
+def _ordered_sum(be, parts):
+    """``((p0 + p1) + p2) + ...`` on the client's backend: the in-process loops' order."""
+    total = None
+    for part in parts:
+        part = be.asarray(part)
+        total = part if total is None else total + part
+    return total
