@@ -27,8 +27,8 @@ from typing import Any
 
 from .._progress import progress_bar
 
-__all__ = ["ParallelStageError", "cluster_client", "describe_client", "map_bounded",
-           "register_rigid_on"]
+__all__ = ["ParallelStageError", "cluster_client", "describe_client", "hold", "is_client",
+           "map_bounded", "register_rigid_on"]
 
 #: Tasks queued per worker: one running, one whose inputs are being read.
 INFLIGHT = 2
@@ -128,6 +128,11 @@ def cluster_client(spec, *, workers: int | None = None,
             cluster.close()
 
 
+def is_client(obj) -> bool:
+    """Whether ``obj`` is a connected ``distributed.Client`` (imports distributed)."""
+    return isinstance(obj, _import_distributed().Client)
+
+
 def describe_client(client) -> dict:
     """Scheduler address, dashboard link and worker count of a client (for records)."""
     info = client.scheduler_info()
@@ -160,8 +165,8 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
     """
     distributed = _import_distributed()
     args = tuple(args)
-    # scatter shared inputs once, to every worker, so no single copy can be lost
-    shared = [client.scatter(a, broadcast=True) if _is_large(a) else a for a in args]
+    # large shared inputs go once to the cluster, as recomputable results (see hold)
+    shared = [hold(client, a) if _is_large(a) else a for a in args]
     limit = max(1, inflight) * _n_workers(client)
     results: list = [None] * len(items)
     pending = iter(range(len(items)))
@@ -204,6 +209,21 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
     return results
 
 
+def _identity(obj):
+    return obj
+
+
+def hold(client, obj):
+    """A future of ``obj`` that the tasks share: sent once, and not lost with a worker.
+
+    It is the result of a task whose argument is ``obj``, so the scheduler, which keeps the
+    task, recomputes it when the workers holding it die; a ``Client.scatter`` copy lost with
+    its workers would fail every task that needs it ("lost dependencies").
+    """
+    return client.submit(_identity, obj, pure=False,
+                         key=f"stemgpu-shared-{os.urandom(8).hex()}")
+
+
 def _run_here(func, *args):
     """Run ``func`` in the worker with dask's synchronous scheduler.
 
@@ -244,7 +264,7 @@ def _aligned(obj):
 
 
 def _is_large(obj) -> bool:
-    """Arrays worth one broadcast scatter instead of a copy inside every task."""
+    """Arrays worth sending once (:func:`hold`) instead of a copy inside every task."""
     nbytes = getattr(obj, "nbytes", 0)
     return isinstance(nbytes, int) and nbytes > (1 << 20) and not hasattr(obj, "frame_range")
 
@@ -443,7 +463,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     bsize = plan.batch_size
     ranges = [(s, min(n, s + bsize)) for s in range(0, n, bsize)]
     ctx = _RigidContext(plan, src.data if src.lazy else None, src.dtype)
-    ctx_f = client.scatter([ctx], broadcast=True)[0]
+    ctx_f = hold(client, ctx)
 
     def data(start, stop):  # frames travel with the task only for in-memory stacks
         return None if src.lazy else be.to_numpy(src.data[start:stop])
@@ -471,7 +491,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     at_limit = np.zeros(n, dtype=bool)
     if ref_index is not None:
         ref_frame = be.to_numpy(src.read(ref_index, ref_index + 1))
-        ref_f = client.scatter([ref_frame], broadcast=True)[0]
+        ref_f = hold(client, ref_frame)
         out = run(_task_to_frame, [(s, e, data(s, e), shifts[s:e]) for s, e in ranges],
                   "register", ref_f)
         shifts = np.concatenate([o[0] for o in out])
@@ -479,7 +499,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
         at_limit = np.concatenate([o[2] for o in out])
     else:
         for _ in range(iterations):
-            total_f = client.scatter([be.to_numpy(total)], broadcast=True)[0]
+            total_f = hold(client, be.to_numpy(total))
             out = run(_task_leave_one_out,
                       [(s, e, data(s, e), shifts[s:e]) for s, e in ranges], "register",
                       total_f)

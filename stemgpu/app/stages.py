@@ -100,18 +100,27 @@ def frame_time_of(dataset) -> float | None:
 
 
 def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mapping[str, Any],
-                progress: bool):
+                progress: bool, client=None):
     """Rigid registration onto the mean and the drift report.
 
     Returns ``(rigid, drift, registered, flagged)``: the registered stack (or, for a
     streamed source, the mean of its unflagged registered frames, with ``flagged`` None).
+    With a ``client`` (a ``distributed.Client``) the frame batches are dask tasks.
     """
     from ..registration.drift import drift_report
     from ..registration.rigid import register_rigid
 
     be = prep.backend
-    rigid = register_rigid(prep.data, pixel_size=prep.pixel_size_pm, progress=progress,
-                           backend=be, **{"keep_registered": not prep.streamed, **options})
+    if client is None:
+        register = register_rigid
+    else:
+        from functools import partial
+
+        from .distributed import register_rigid_on
+
+        register = partial(register_rigid_on, client)
+    rigid = register(prep.data, pixel_size=prep.pixel_size_pm, progress=progress,
+                     backend=be, **{"keep_registered": not prep.streamed, **options})
     flagged = to_host(rigid.flagged).astype(bool)
     if (~flagged).sum() < 3:
         raise AnalysisError(
