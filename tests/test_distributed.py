@@ -157,3 +157,46 @@ def test_analyze_without_a_client_loads_no_cluster_code(stack_file):
             "stemgpu.analyze(src, steps=('rigid',), progress=False); "
             "assert 'stemgpu.app.distributed' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+def _same_tracks(a, b):
+    for name in ("positions", "position_errors", "amplitudes", "status", "motion",
+                 "column_flags", "frame_flagged"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)),
+                                      np.asarray(getattr(b, name)), err_msg=name)
+    assert a.counts_per_unit == b.counts_per_unit
+    assert repr(a.calibration) == repr(b.calibration)
+
+
+def test_track_columns_on_a_cluster_is_bit_identical(client, stack_file):
+    from stemgpu.app.distributed import track_columns_on
+
+    path, stack = stack_file
+    fit = stemgpu.analyze(stack, pixel_size=14.6, steps=("rigid", "atoms"), progress=False,
+                          backend="numpy").atoms
+    ref = stemgpu.track_columns(stack, fit, batch_frames=3, backend="numpy")
+    on = track_columns_on(client, stack, fit, batch_frames=3, backend="numpy")
+    _same_tracks(on, ref)
+    assert on.parameters == ref.parameters
+    src = open_frames(path)  # read by the tasks themselves
+    try:
+        _same_tracks(track_columns_on(client, src, fit, batch_frames=4, backend="numpy"),
+                     stemgpu.track_columns(src, fit, batch_frames=4, backend="numpy"))
+    finally:
+        src.close()
+
+
+def test_streamed_analyze_with_tracking_on_a_cluster(client, stack_file):
+    src = open_frames(stack_file[0])
+    try:
+        opts = {"steps": ("rigid", "atoms", "track"), "progress": False, "backend": "numpy",
+                "rigid": {"batch_size": 4}, "track": {"batch_frames": 3}}
+        on = stemgpu.analyze(src, client=client, **opts)
+        ref = stemgpu.analyze(src, **opts)
+    finally:
+        src.close()
+    _same_tracks(on.tracks, ref.tracks)
+    a, b = on.summary(), ref.summary()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].as_dict() == b[name].as_dict(), name

@@ -197,7 +197,7 @@ def analyze(stack, *, pixel_size: float | None = None,
         tqdm progress bars per stage.
     client : {None, "local", "local-cuda"}, str or distributed.Client
         None (default): everything in this process, no dask. Otherwise rigid registration
-        runs frame batch by frame batch as dask.distributed tasks (see
+        and column tracking run frame batch by frame batch as dask.distributed tasks (see
         :mod:`stemgpu.app.distributed`): ``"local"`` starts a LocalCluster of CPU worker
         processes, ``"local-cuda"`` dask-cuda's LocalCUDACluster (one worker per GPU), a
         string is a scheduler address or file, or pass your own Client (never closed).
@@ -292,7 +292,7 @@ def analyze(stack, *, pixel_size: float | None = None,
                 results["tracks"], results["frame_series"] = stages.track_stage(
                     prep, results["rigid"], results.get("demons"), results["atoms"],
                     results["species"], opts.get("track", {}), opts.get("cells", {}),
-                    opts.get("atoms", {}).get("names"), progress)
+                    opts.get("atoms", {}).get("names"), progress, client=client)
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
     return Analysis(results)

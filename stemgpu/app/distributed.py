@@ -28,7 +28,7 @@ from typing import Any
 from .._progress import progress_bar
 
 __all__ = ["ParallelStageError", "cluster_client", "describe_client", "hold", "is_client",
-           "map_bounded", "register_rigid_on"]
+           "map_bounded", "register_rigid_on", "track_columns_on"]
 
 #: Tasks queued per worker: one running, one whose inputs are being read.
 INFLIGHT = 2
@@ -538,3 +538,160 @@ def _ordered_sum(be, parts):
         part = be.asarray(part)
         total = part if total is None else total + part
     return total
+
+
+# --------------------------------------------------------------------------- column tracking
+
+
+def _task_fit_frames(item, stack, start, gain, fit_kw):
+    """``fit_atoms`` of frames ``a:b`` (read here from ``stack``, or given in ``item``)."""
+    import numpy as np
+
+    from ..atoms.fit import fit_atoms
+
+    a, b, data = item
+    if data is None:
+        frames = np.asarray(stack[a:b], dtype=np.float32)
+    else:
+        frames = data
+    fit = fit_atoms(frames, np.broadcast_to(start, (b - a, len(start), 2)),
+                    counts_per_unit=gain, **fit_kw).to_numpy()
+    # pickling makes every array C-ordered; the client restores each field's memory
+    # layout, on which the order of later reductions (and so their last bits) depends
+    return fit, {f: _axis_order(getattr(fit, f)) for f in _FIT_FIELDS}
+
+
+_FIT_FIELDS = ("positions", "position_errors", "params", "param_errors", "covariance", "chi2",
+               "n_iter", "status", "width_fixed")
+
+
+def _axis_order(a) -> tuple:
+    """Axes of ``a`` from the largest stride to the smallest."""
+    import numpy as np
+
+    return tuple(int(i) for i in np.argsort([-s for s in a.strides], kind="stable"))
+
+
+def _with_axis_order(a, order):
+    """A copy of ``a`` whose memory layout has axes in ``order`` (as :func:`_axis_order`)."""
+    import numpy as np
+
+    return np.ascontiguousarray(a.transpose(order)).transpose(np.argsort(order))
+
+
+def _restore_fit(result):
+    fit, orders = result
+    return dataclasses.replace(fit, **{f: _with_axis_order(getattr(fit, f), orders[f])
+                                       for f in _FIT_FIELDS})
+
+
+def _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw):
+    """``atoms.track._fit_frames`` with each frame batch a task (same batches, same merge)."""
+    import numpy as np
+
+    from .._inputs import is_frame_source
+    from ..backend import resolve_backend
+
+    be = resolve_backend(fit_kw["backend"])
+    fit_kw = {**fit_kw, "backend": be.name}
+    f_n, n = int(stack.shape[0]), len(start)
+    lazy = is_frame_source(stack)
+    if batch_frames == "auto" and not lazy:
+        batch = f_n
+    else:
+        batch = be.frames_per_batch(tuple(stack.shape), 256, batch_size=batch_frames)
+    ranges = [(a, min(f_n, a + batch)) for a in range(0, f_n, batch)]
+    items = [(a, b, None if lazy else be.to_numpy(stack[a:b])) for a, b in ranges]
+    stack_f = hold(client, stack) if lazy else None
+    start_f = hold(client, start)
+
+    def run(part, gain):
+        out = map_bounded(client, _task_fit_frames, part, args=(stack_f, start_f, gain, fit_kw),
+                          stage=f"track {n} columns", desc=f"track {n} columns",
+                          label=lambda it: f"frames {it[0]}:{it[1]}", progress=progress,
+                          leave=False)
+        return [_restore_fit(r) for r in out]
+
+    first = run(items[:1], counts_per_unit)[0]
+    if len(items) == 1:
+        return first
+    gain = first.counts_per_unit if counts_per_unit is None else counts_per_unit
+    parts = [first, *run(items[1:], gain)]
+    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIT_FIELDS}
+    params = {**parts[0].parameters, "batch_frames": int(batch),
+              "counts_per_unit_from_first_batch": counts_per_unit is None}
+    return dataclasses.replace(parts[0], parameters=params, **merged)
+
+
+def track_columns_on(client, stack, positions, *, species=None, sigma=None, window=None,
+                     estimator="mle", counts_per_unit=None, model="gaussian", jump_z=6.0,
+                     fade_z=5.0, fade_fraction=0.2, erratic_p=1e-6, frame_z=6.0,
+                     fail_fraction=0.2, level=0.6827, batch_frames="auto", engine="auto",
+                     progress=False, backend=None):
+    """:func:`stemgpu.track_columns` with each frame batch of fits a task on ``client``.
+
+    The batches are those of ``track_columns`` (``batch_frames``; ``"auto"`` fits an
+    in-memory stack in one batch, so give an integer to spread it over the workers): the
+    first batch estimates the gain when ``counts_per_unit`` is omitted, the others run in
+    parallel with it, and the merge is the same, so on NumPy the tracks are bit-identical
+    to ``track_columns``. A lazy stack (a :class:`~stemgpu.io.lazy.LazyStack`, or the
+    registered frames of a streamed analysis) is read by the tasks themselves.
+
+    Examples
+    --------
+    >>> import numpy as np, stemgpu
+    >>> from stemgpu.app.distributed import cluster_client, track_columns_on
+    >>> stack, truth = stemgpu.simulate_stack((6, 96, 96), seed=3)
+    >>> pos = truth.image_positions(0)[truth.visible(0, margin=10)]
+    >>> with cluster_client("local", workers=1, say=lambda s: None) as client:
+    ...     tracks = track_columns_on(client, stack, pos, batch_frames=3, backend="numpy")
+    >>> ref = stemgpu.track_columns(stack, pos, batch_frames=3, backend="numpy")
+    >>> bool(np.array_equal(tracks.positions, ref.positions, equal_nan=True))
+    True
+    """
+    import numpy as np
+
+    from .._checks import check_int, check_real
+    from ..atoms import track as tr
+    from ..atoms.fit import AtomFit
+    from ..atoms.models import CONVERGED
+    from ..backend import to_host
+
+    # the checks of track_columns, in its order
+    f_n = int(getattr(stack, "shape", (0,))[0]) if len(getattr(stack, "shape", ())) == 3 else 0
+    if f_n < 3:
+        raise ValueError(f"stack must be a (frames, rows, cols) stack of >= 3 frames; got "
+                         f"shape {tuple(getattr(stack, 'shape', ()))!r}")
+    for name, v in (("jump_z", jump_z), ("fade_z", fade_z), ("frame_z", frame_z)):
+        check_real(v, name, greater=0)
+    check_real(fade_fraction, "fade_fraction", greater=0, maximum=1)
+    check_real(fail_fraction, "fail_fraction", greater=0, maximum=1)
+    check_real(erratic_p, "erratic_p", greater=0, maximum=0.5)
+    check_real(level, "level", greater=0, maximum=0.9999)
+    start = positions
+    if isinstance(positions, AtomFit):
+        ok = to_host(positions.status) == CONVERGED
+        if species is not None:
+            species = np.asarray(species)[ok] if len(species) == len(ok) else species
+        if sigma is None:
+            sigma = float(np.nanmedian(to_host(positions.param("sigma"))[ok])) \
+                if "sigma" in positions.param_names else None
+        window = positions.parameters.get("window") if window is None else window
+        start = to_host(positions.positions)[ok]
+    start = np.asarray(to_host(start), dtype=np.float64)
+    if start.ndim != 2 or start.shape[1] != 2 or len(start) == 0:
+        raise ValueError(f"positions must be an (N, 2) array of (row, col) or an AtomFit; got "
+                         f"shape {start.shape}")
+    n = len(start)
+    species = np.full(n, "-") if species is None else np.asarray(species).astype(str)
+    if species.shape != (n,):
+        raise ValueError(f"species must have one label per column ({n}); got shape "
+                         f"{species.shape}")
+    if window is not None:
+        window = check_int(window, "window", minimum=5)
+    fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
+                  backend=backend)
+    fit = _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw)
+    gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
+                 frame_z=frame_z, fail_fraction=fail_fraction, level=level)
+    return tr._assess(fit, species, gates)

@@ -331,7 +331,7 @@ class RegisteredFrames:
 
 
 def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[str, Any],
-                cells_options: Mapping[str, Any], names, progress):
+                cells_options: Mapping[str, Any], names, progress, client=None):
     """Every column of the mean's fit in every usable registered frame, and the frame series.
 
     ``options["frames"]``: ``"rigid"`` (default) tracks the rigidly registered frames, whose
@@ -365,6 +365,12 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
         raise AnalysisError(f"track: {len(keep)} usable registered frame(s); need at least 3")
     ok = to_host(fit.status) == 0
     labels = np.asarray(species).astype(str)[ok]
+    if client is not None:  # frame batches as dask tasks
+        from functools import partial
+
+        from .distributed import track_columns_on
+
+        track_columns = partial(track_columns_on, client)
     try:
         tracks = track_columns(frames, fit, species=labels, progress=progress,
                                backend=prep.backend, **track_kw)
