@@ -200,3 +200,27 @@ def test_streamed_analyze_with_tracking_on_a_cluster(client, stack_file):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].as_dict() == b[name].as_dict(), name
+
+
+def _slow_square(x):
+    time.sleep(0.05)
+    return x * x
+
+
+def test_at_most_two_tasks_per_worker_are_queued(client):
+    submitted = []
+
+    class Counting:  # the client, counting the tasks not yet finished at each submit
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def submit(self, *args, **kwargs):
+            fut = client.submit(*args, **kwargs)
+            submitted.append(fut)
+            outstanding.append(sum(not f.done() for f in submitted))
+            return fut
+
+    outstanding: list[int] = []
+    out = map_bounded(Counting(), _slow_square, list(range(12)), label=str, stage="sq")
+    assert out == [x * x for x in range(12)]
+    assert len(submitted) == 12 and max(outstanding) <= 2 * 2
