@@ -224,3 +224,20 @@ def test_at_most_two_tasks_per_worker_are_queued(client):
     out = map_bounded(Counting(), _slow_square, list(range(12)), label=str, stage="sq")
     assert out == [x * x for x in range(12)]
     assert len(submitted) == 12 and max(outstanding) <= 2 * 2
+
+
+def test_h5py_and_memmap_sources_reach_the_workers(client, tmp_path, stack_file):
+    import h5py
+
+    stack = stack_file[1]
+    ref = register_rigid(stack, batch_size=4, backend="numpy", pixel_size=14.6)
+    with h5py.File(tmp_path / "s.h5", "w") as fh:
+        fh["frames"] = stack
+    with h5py.File(tmp_path / "s.h5", "r") as fh:
+        on = register_rigid_on(client, fh["frames"], batch_size=4, backend="numpy",
+                               pixel_size=14.6)
+    _same_rigid(on, ref)
+    stack.tofile(tmp_path / "s.raw")
+    mm = np.memmap(tmp_path / "s.raw", dtype=stack.dtype, mode="r", shape=stack.shape)
+    _same_rigid(register_rigid_on(client, mm, batch_size=4, backend="numpy",
+                                  pixel_size=14.6), ref)

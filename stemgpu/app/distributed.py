@@ -28,7 +28,7 @@ from typing import Any
 from .._progress import progress_bar
 
 __all__ = ["ParallelStageError", "cluster_client", "describe_client", "hold", "is_client",
-           "map_bounded", "register_rigid_on", "track_columns_on"]
+           "map_bounded", "picklable_source", "register_rigid_on", "track_columns_on"]
 
 #: Tasks queued per worker: one running, one whose inputs are being read.
 INFLIGHT = 2
@@ -207,6 +207,35 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
     finally:
         bar.close()
     return results
+
+
+def picklable_source(source):
+    """A lazy frame source that pickles to a file reference (tasks then read the file).
+
+    A :class:`~stemgpu.io.lazy.LazyStack` already does; an ``h5py.Dataset`` or a whole
+    ``numpy.memmap`` becomes one; anything else is returned as it is (and must pickle).
+
+    Examples
+    --------
+    >>> import os, pickle, tempfile, numpy as np
+    >>> from stemgpu.app.distributed import picklable_source
+    >>> path = os.path.join(tempfile.mkdtemp(), "raw.bin")
+    >>> np.arange(24, dtype="f4").tofile(path)
+    >>> src = picklable_source(np.memmap(path, dtype="f4", mode="r", shape=(2, 3, 4)))
+    >>> len(pickle.dumps(src)) < 2048, float(pickle.loads(pickle.dumps(src))[1, 2, 3])
+    (True, 23.0)
+    """
+    import numpy as np
+
+    from ..io.lazy import LazyStack
+
+    if isinstance(source, LazyStack):
+        return source
+    if type(source).__module__.startswith("h5py"):
+        return LazyStack.from_hdf5(source.file.filename, source.name)
+    if isinstance(source, np.memmap):
+        return LazyStack.from_array(source.filename, source, kind="memmap")
+    return source
 
 
 def _identity(obj):
@@ -462,7 +491,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
         col_weights=_dft.half_spectrum_weights(be.xp, w))
     bsize = plan.batch_size
     ranges = [(s, min(n, s + bsize)) for s in range(0, n, bsize)]
-    ctx = _RigidContext(plan, src.data if src.lazy else None, src.dtype)
+    ctx = _RigidContext(plan, picklable_source(src.data) if src.lazy else None, src.dtype)
     ctx_f = hold(client, ctx)
 
     def data(start, stop):  # frames travel with the task only for in-memory stacks
@@ -602,7 +631,7 @@ def _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress
         batch = be.frames_per_batch(tuple(stack.shape), 256, batch_size=batch_frames)
     ranges = [(a, min(f_n, a + batch)) for a in range(0, f_n, batch)]
     items = [(a, b, None if lazy else be.to_numpy(stack[a:b])) for a, b in ranges]
-    stack_f = hold(client, stack) if lazy else None
+    stack_f = hold(client, picklable_source(stack)) if lazy else None
     start_f = hold(client, start)
 
     def run(part, gain):
