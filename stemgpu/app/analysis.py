@@ -153,6 +153,10 @@ class Analysis:
         return plot_report(self, path=path)
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 class _Clock:
     """Stage timings (into ``info["timings_s"]``) and the stage progress bar."""
 
@@ -170,7 +174,7 @@ class _Clock:
 
 def analyze(stack, *, pixel_size: float | None = None,
             steps: Sequence[str] = STEPS, backend=None, progress: bool = True,
-            **stage_options) -> Analysis:
+            client=None, **stage_options) -> Analysis:
     """Register a stack, fit its atom columns and measure its unit cells, in one call.
 
     Parameters
@@ -191,6 +195,14 @@ def analyze(stack, *, pixel_size: float | None = None,
         See :mod:`stemgpu.backend`; every stage runs on it.
     progress : bool
         tqdm progress bars per stage.
+    client : {None, "local", "local-cuda"}, str or distributed.Client
+        None (default): everything in this process, no dask. Otherwise rigid registration
+        and column tracking run frame batch by frame batch as dask.distributed tasks (see
+        :mod:`stemgpu.app.distributed`): ``"local"`` starts a LocalCluster of CPU worker
+        processes, ``"local-cuda"`` dask-cuda's LocalCUDACluster (one worker per GPU), a
+        string is a scheduler address or file, or pass your own Client (never closed).
+        On NumPy the results are bit-identical to ``client=None``; ``rigid={...}`` must
+        keep ``mode="reference"`` without ``polish``.
     **stage_options : dict
         Options per stage, passed on: ``rigid={...}`` to :func:`stemgpu.register_rigid`,
         ``drift={...}`` to :func:`stemgpu.drift_report` (``frame_time``, ``model``, ...),
@@ -228,6 +240,13 @@ def analyze(stack, *, pixel_size: float | None = None,
     """
     steps = check_steps(steps)
     opts = check_options(stage_options)
+    if client is not None:
+        from .distributed import cluster_client, is_client
+
+        if not is_client(client):  # start or connect to a cluster for this call only
+            with cluster_client(client, say=print if progress else _silent) as connected:
+                return analyze(stack, pixel_size=pixel_size, steps=steps, backend=backend,
+                               progress=progress, client=connected, **stage_options)
     prep = stages.prepare_input(stack, steps, pixel_size, backend)
     be = prep.backend
     info: dict[str, Any] = {"pixel_size_pm": prep.pixel_size_pm, "steps": list(steps),
@@ -247,7 +266,8 @@ def analyze(stack, *, pixel_size: float | None = None,
         if "rigid" in steps:
             with clock.stage("rigid", "rigid registration"):
                 results["rigid"], results["drift"], current, flagged = stages.rigid_stage(
-                    prep, opts.get("rigid", {}), opts.get("drift", {}), progress)
+                    prep, opts.get("rigid", {}), opts.get("drift", {}), progress,
+                    client=client)
         if "demons" in steps:
             with clock.stage("demons", "demons registration"):
                 demons, kept = stages.demons_stage(current, flagged, be,
@@ -272,7 +292,7 @@ def analyze(stack, *, pixel_size: float | None = None,
                 results["tracks"], results["frame_series"] = stages.track_stage(
                     prep, results["rigid"], results.get("demons"), results["atoms"],
                     results["species"], opts.get("track", {}), opts.get("cells", {}),
-                    opts.get("atoms", {}).get("names"), progress)
+                    opts.get("atoms", {}).get("names"), progress, client=client)
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
     return Analysis(results)

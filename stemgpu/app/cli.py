@@ -104,6 +104,38 @@ def cmd_run(args: argparse.Namespace) -> int:
                     contrast=args.contrast)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Analyse many files: a results file each and a summary table of all."""
+    from .batch import run_batch
+
+    return run_batch(args.files, out_dir=args.out_dir, scheduler=args.scheduler,
+                     workers=args.workers, resume=args.resume, steps=args.steps,
+                     backend=args.backend, pixel_size=args.pixel_size, quiet=args.quiet)
+
+
+def _add_batch_parser(sub, backend_help: str) -> None:
+    p = sub.add_parser("batch", help="analyse many files: a results file each in --out-dir "
+                       "and a summary table (summary.csv); exit 5 when some failed")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--out-dir", required=True,
+                   help="folder for FILE-stemgpu.h5 per input and summary.csv")
+    p.add_argument("--scheduler", default=None,
+                   help="local, local-cuda, a scheduler address or scheduler file: one "
+                   "dask.distributed task per file (default: one after another here)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes of a local cluster (default: one per core/GPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip files whose results file in --out-dir is complete")
+    p.add_argument("--backend", default=None, help=backend_help)
+    p.add_argument("--steps", type=_parse_steps, default=STEPS,
+                   help="comma-separated subset of " + ",".join(ALL_STEPS)
+                   + " (default " + ",".join(STEPS) + ")")
+    p.add_argument("--pixel-size", type=_positive_float, default=None,
+                   help="pixel size in pm (overrides every file's calibration)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_batch)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Quick backend comparison on this machine."""
     from .bench import quick_bench
@@ -156,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or auto: chosen from the image (default %(default)s)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    _add_batch_parser(sub, backend_help)
 
     p = sub.add_parser("bench", help="quick backend comparison on this machine")
     p.add_argument("--size", type=int, default=512)

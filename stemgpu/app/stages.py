@@ -100,18 +100,27 @@ def frame_time_of(dataset) -> float | None:
 
 
 def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mapping[str, Any],
-                progress: bool):
+                progress: bool, client=None):
     """Rigid registration onto the mean and the drift report.
 
     Returns ``(rigid, drift, registered, flagged)``: the registered stack (or, for a
     streamed source, the mean of its unflagged registered frames, with ``flagged`` None).
+    With a ``client`` (a ``distributed.Client``) the frame batches are dask tasks.
     """
     from ..registration.drift import drift_report
     from ..registration.rigid import register_rigid
 
     be = prep.backend
-    rigid = register_rigid(prep.data, pixel_size=prep.pixel_size_pm, progress=progress,
-                           backend=be, **{"keep_registered": not prep.streamed, **options})
+    if client is None:
+        register = register_rigid
+    else:
+        from functools import partial
+
+        from .distributed import register_rigid_on
+
+        register = partial(register_rigid_on, client)
+    rigid = register(prep.data, pixel_size=prep.pixel_size_pm, progress=progress,
+                     backend=be, **{"keep_registered": not prep.streamed, **options})
     flagged = to_host(rigid.flagged).astype(bool)
     if (~flagged).sum() < 3:
         raise AnalysisError(
@@ -384,7 +393,7 @@ class RegisteredFrames:
 
 
 def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[str, Any],
-                cells_options: Mapping[str, Any], names, progress):
+                cells_options: Mapping[str, Any], names, progress, client=None):
     """Every column of the mean's fit in every usable registered frame, and the frame series.
 
     ``options["frames"]``: ``"rigid"`` (default) tracks the rigidly registered frames, whose
@@ -422,6 +431,12 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
         raise AnalysisError(f"track: {len(keep)} usable registered frame(s); need at least 3")
     ok = to_host(fit.status) == 0
     labels = np.asarray(species).astype(str)[ok]
+    if client is not None:  # frame batches as dask tasks
+        from functools import partial
+
+        from .distributed import track_columns_on
+
+        track_columns = partial(track_columns_on, client)
     try:
         tracks = track_columns(frames, fit, species=labels, progress=progress,
                                backend=prep.backend, **track_kw)

@@ -15,6 +15,8 @@ frames (returning NumPy arrays) and :meth:`LazyStack.iter_batches`. It is what
 
 from __future__ import annotations
 
+import copy
+import mmap
 import os
 import struct
 import threading
@@ -152,13 +154,19 @@ class LazyStack:
     """
 
     def __init__(self, path, shape, dtype, *, kind, reader, pixel_size_pm=None, metadata=None,
-                 original_metadata=None, closer=None):
+                 original_metadata=None, closer=None, ref=None):
         self.path = os.fspath(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.kind = kind
-        self._read = reader  # callable(frame slice) -> ndarray
+        self._read = reader  # callable(frame key) -> ndarray; None until (re)opened
         self._closer = closer
+        # How to reopen the file in another process (see __reduce__); None: not a file kind
+        self._ref = ref
+        self._start = 0  # first frame of the file's frame axis (frame_range views)
+        self._nfile = self.shape[0] if self.shape else 0  # frames in the file
+        self._array = None  # from_array's array, pickled as such when there is no ref
+        self._open_lock = threading.Lock()
         self.pixel_size_pm = pixel_size_pm
         self.metadata = dict(metadata or {})
         self.original_metadata = dict(original_metadata or {})
@@ -169,20 +177,13 @@ class LazyStack:
         """Frames of a ``.npy`` member of a zip: memory-mapped when stored uncompressed."""
         offset, shape, dtype, fortran = npy_member_layout(path, member)
         if offset is not None and int(np.prod(shape)) > 0:
-            mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                           order="F" if fortran else "C")
-            return cls(path, shape, dtype, kind="memmap", reader=lambda key: mm[key], **kwargs)
-        lock = threading.Lock()
-        cache: dict[str, np.ndarray] = {}
-
-        def read(key):
-            with lock:  # dask may call from several threads; decompress only once
-                if "a" not in cache:
-                    with zipfile.ZipFile(path, "r") as zf, zf.open(member) as fh:
-                        cache["a"] = np.lib.format.read_array(fh)
-            return cache["a"][key]
-
-        return cls(path, shape, dtype, kind="zip-compressed", reader=read, **kwargs)
+            ref = {"kind": "memmap", "offset": int(offset), "order": "F" if fortran else "C"}
+        else:
+            ref = {"kind": "zip-compressed", "member": member}
+        ref.update(path=os.fspath(path), shape=tuple(shape), dtype=np.dtype(dtype).str)
+        reader, closer = _open_ref(ref)
+        return cls(path, shape, dtype, kind=ref["kind"], reader=reader, closer=closer, ref=ref,
+                   **kwargs)
 
     @classmethod
     def from_hdf5(cls, path, dataset: str = "data", **kwargs) -> LazyStack:
@@ -191,19 +192,11 @@ class LazyStack:
         The file is opened without the HDF5 file lock, so a file another process holds open
         for writing (Nion Swift, during and after an acquisition) can be read.
         """
-        import h5py
-
-        fh = open_hdf5(path)
-        try:
-            dset = fh[dataset]
-            if not isinstance(dset, h5py.Dataset):
-                raise KeyError(dataset)
-            shape, dtype = dset.shape, dset.dtype
-        except Exception:
-            fh.close()
-            raise
-        return cls(path, shape, dtype, kind="hdf5", reader=lambda key: dset[key],
-                   closer=fh.close, **kwargs)
+        ref = {"kind": "hdf5", "path": os.fspath(path), "dataset": dataset}
+        reader, closer, shape, dtype = _open_hdf5_dataset(ref["path"], dataset)
+        ref.update(shape=tuple(shape), dtype=np.dtype(dtype).str)
+        return cls(path, shape, dtype, kind="hdf5", reader=reader, closer=closer, ref=ref,
+                   **kwargs)
 
     @classmethod
     def from_array(cls, path, array, *, kind: str, **kwargs) -> LazyStack:
@@ -226,7 +219,11 @@ class LazyStack:
                 key = np.asarray(key, dtype=np.intp)
             return np.asarray(array[key])
 
-        return cls(path, array.shape, array.dtype, kind=kind, reader=read, **kwargs)
+        ref = _memmap_ref(array)
+        out = cls(path, array.shape, array.dtype, kind=kind, reader=read, ref=ref, **kwargs)
+        if ref is None:
+            out._array = array
+        return out
 
     # ------------------------------------------------------------------ array protocol
     @property
@@ -246,27 +243,27 @@ class LazyStack:
         if first is Ellipsis or first is None:  # rare forms: let NumPy interpret them
             return np.asarray(self)[key]
         if isinstance(first, int | np.integer):
-            frames = np.array(self._read(int(first)))  # copy: a memmap view must not escape
+            frames = np.array(self._frames(int(first)))  # copy: a memmap view must not escape
             return frames[rest] if rest else frames
         if isinstance(first, slice):
             start, stop, step = first.indices(self.shape[0])
             if step > 0:
-                frames = np.array(self._read(slice(start, stop, step)))
+                frames = np.array(self._frames(slice(start, stop, step)))
             else:  # h5py cannot step backwards: read forwards, then reverse
                 idx = np.arange(start, stop, step)
-                frames = (np.array(self._read(slice(idx[-1], idx[0] + 1, -step)))[::-1]
+                frames = (np.array(self._frames(slice(idx[-1], idx[0] + 1, -step)))[::-1]
                           if len(idx) else np.empty((0, *self.shape[1:]), self.dtype))
         else:  # list / integer or boolean array of frames: read sorted unique frames once
             idx = np.arange(self.shape[0])[np.asarray(first)]
             uniq, inverse = np.unique(idx, return_inverse=True)
-            frames = np.array(self._read(list(uniq) if self.kind == "hdf5" else uniq))
+            frames = np.array(self._frames(list(uniq) if self.kind == "hdf5" else uniq))
             frames = frames[inverse.reshape(idx.shape)]
             if idx.ndim != 1:
                 return frames[(Ellipsis, *rest)] if rest else frames
         return frames[(slice(None), *rest)] if rest else frames
 
     def __array__(self, dtype=None, copy=None):
-        out = np.array(self._read(slice(None)))
+        out = np.array(self._frames(slice(None)))
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def iter_batches(self, batch_size: int, *, progress: bool = False):
@@ -298,6 +295,96 @@ class LazyStack:
         return da.from_array(self, chunks=chunks, asarray=True, lock=self.kind == "hdf5",
                              fancy=False, meta=np.empty((0,) * self.ndim, self.dtype))
 
+    # ------------------------------------------------------------------ frame ranges, pickling
+    @property
+    def frames(self) -> tuple[int, int]:
+        """The ``(start, stop)`` frames of the file this source covers (all, unless a view)."""
+        return self._start, self._start + (self.shape[0] if self.shape else 0)
+
+    def frame_range(self, start: int, stop: int) -> LazyStack:
+        """A source over frames ``start:stop`` of this one, reading the same file.
+
+        The view shares this source's open file (closing it is this source's job) and pickles
+        to the same small file reference with its own frame range, so a task given
+        ``src.frame_range(a, b)`` reads only its own frames.
+
+        Raises
+        ------
+        ValueError
+            If the range is not ``0 <= start <= stop <= len(self)`` or the source is 0-d.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from stemgpu.io.lazy import LazyStack
+        >>> src = LazyStack.from_array("f.npy", np.arange(12.0).reshape(6, 2), kind="memory")
+        >>> view = src.frame_range(2, 5)
+        >>> view.shape, view.frames, view[0].tolist()
+        ((3, 2), (2, 5), [4.0, 5.0])
+        """
+        if not self.shape:
+            raise ValueError("frame_range needs a source with a frame axis; got a 0-d source")
+        n = self.shape[0]
+        start = check_int(start, "start", minimum=0, maximum=n)
+        stop = check_int(stop, "stop", minimum=start, maximum=n)
+        view = copy.copy(self)
+        view.shape = (stop - start, *self.shape[1:])
+        view._start = self._start + start
+        view._closer = None  # the parent owns the open file
+        view._open_lock = threading.Lock()
+        view.metadata = dict(self.metadata)
+        view.original_metadata = dict(self.original_metadata)
+        return view
+
+    def _frames(self, key):
+        """Read ``key`` (an int, a forward slice, or sorted frame indices) of this range."""
+        read = self._read
+        if read is None:  # unpickled: open the file on first use, once
+            with self._open_lock:
+                if self._read is None:
+                    self._read, self._closer = _open_ref(self._ref)
+                read = self._read
+        if self._start == 0 and (not self.shape or self.shape[0] == self._nfile):
+            return read(key)
+        if isinstance(key, int | np.integer):
+            k = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= k < self.shape[0]:
+                raise IndexError(f"frame {int(key)} is out of range for {self.shape[0]} frames")
+            return read(self._start + k)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            return read(slice(self._start + start, self._start + stop, step))
+        if isinstance(key, list):
+            return read([self._start + int(k) for k in key])
+        return read(np.asarray(key) + self._start)
+
+    def __reduce__(self):
+        # A file reference, not the data: a dask task (or any process) reopens the file and
+        # reads only what it indexes. original_metadata (the file's full properties, often
+        # large) stays behind; pixel size and the normalised metadata travel.
+        extra = (self.pixel_size_pm, self.metadata, self._start,
+                 self.shape[0] if self.shape else 0)
+        if self._ref is not None:
+            return _from_ref, (self._ref, self.path, self.kind, *extra)
+        if self._array is not None:
+            return _from_array, (self.path, self._array, self.kind, *extra)
+        raise TypeError(f"{self!r} cannot be pickled: it has no file reference")
+
+    def __dask_tokenize__(self):
+        # Same file, same range: same token (dask then reuses names); mtime and size
+        # change the token when the file is rewritten.
+        if self._ref is None:
+            from dask.base import tokenize
+
+            data = tokenize(self._array) if self._array is not None else id(self)
+            return ("LazyStack", self.path, self.kind, data, self.frames)
+        try:
+            st = os.stat(self._ref["path"])
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        return ("LazyStack", sorted(self._ref.items()), self.frames, stamp)
+
     def close(self) -> None:
         """Close the underlying file (HDF5); memory maps close when garbage-collected."""
         if self._closer is not None:
@@ -313,3 +400,80 @@ class LazyStack:
     def __repr__(self) -> str:
         return (f"LazyStack(shape={self.shape}, dtype={self.dtype.name}, kind={self.kind!r}, "
                 f"path={self.path!r})")
+
+
+def _open_hdf5_dataset(path: str, dataset: str):
+    """(reader, closer, shape, dtype) of an HDF5 dataset opened read-only without locking."""
+    import h5py
+
+    fh = open_hdf5(path)
+    try:
+        dset = fh[dataset]
+        if not isinstance(dset, h5py.Dataset):
+            raise KeyError(dataset)
+    except Exception:
+        fh.close()
+        raise
+    return (lambda key: dset[key]), fh.close, dset.shape, dset.dtype
+
+
+def _open_ref(ref: dict):
+    """(reader, closer) over the whole frame axis of the file ``ref`` describes."""
+    path, shape, dtype = ref["path"], tuple(ref["shape"]), np.dtype(ref["dtype"])
+    if ref["kind"] == "memmap":
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=ref["offset"], shape=shape,
+                       order=ref["order"])
+        return (lambda key: mm[key]), None
+    if ref["kind"] == "hdf5":
+        reader, closer, got_shape, got_dtype = _open_hdf5_dataset(path, ref["dataset"])
+        if tuple(got_shape) != shape or np.dtype(got_dtype) != dtype:
+            closer()
+            raise OSError(f"{path!r}: dataset {ref['dataset']!r} is now {got_shape} "
+                          f"{np.dtype(got_dtype)}, was {shape} {dtype} when referenced")
+        return reader, closer
+    member = ref["member"]
+    lock = threading.Lock()
+    cache: dict[str, np.ndarray] = {}
+
+    def read(key):
+        with lock:  # dask may call from several threads; decompress only once
+            if "a" not in cache:
+                with zipfile.ZipFile(path, "r") as zf, zf.open(member) as fh:
+                    cache["a"] = np.lib.format.read_array(fh)
+        return cache["a"][key]
+
+    return read, None
+
+
+def _memmap_ref(array):
+    """A file reference for a whole ``numpy.memmap`` (as tifffile returns), else None."""
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)
+            and array.filename and array.ndim and array.size):
+        return None  # a view of a memmap has a memmap base, and its .offset is the parent's
+    if array.flags.c_contiguous:
+        order = "C"
+    elif array.flags.f_contiguous:
+        order = "F"
+    else:
+        return None
+    return {"kind": "memmap", "path": os.fspath(array.filename), "offset": int(array.offset),
+            "order": order, "shape": tuple(array.shape), "dtype": array.dtype.str}
+
+
+def _restore(src: LazyStack, start: int, n: int) -> LazyStack:
+    if not src.shape or (start == 0 and n == src.shape[0]):
+        return src
+    return src.frame_range(start, start + n)
+
+
+def _from_ref(ref, path, kind, pixel_size_pm, metadata, start, n):
+    """Unpickle a :class:`LazyStack`: the file is opened on the first read."""
+    src = LazyStack(path, ref["shape"], ref["dtype"], kind=kind, reader=None, ref=ref,
+                    pixel_size_pm=pixel_size_pm, metadata=metadata)
+    return _restore(src, start, n)
+
+
+def _from_array(path, array, kind, pixel_size_pm, metadata, start, n):
+    src = LazyStack.from_array(path, array, kind=kind, pixel_size_pm=pixel_size_pm,
+                               metadata=metadata)
+    return _restore(src, start, n)
