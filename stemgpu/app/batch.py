@@ -20,13 +20,12 @@ import time
 from collections.abc import Sequence
 
 from .._progress import progress_bar
-from .errors import EXIT_OK
+from .errors import EXIT_OK, EXIT_PARTIAL
 from .steps import STEPS
 
 __all__ = ["EXIT_PARTIAL", "SUMMARY_NAME", "analyse_file", "results_path", "run_batch"]
 
 #: Exit code of ``stemgpu batch`` when at least one file failed (the others have results).
-EXIT_PARTIAL = 5
 SUMMARY_NAME = "summary.csv"
 _FIXED = ["file", "status", "results", "frames", "height", "width", "pixel_size_pm", "atoms",
           "converged", "seconds", "error"]
