@@ -28,10 +28,12 @@ __all__ = [
     "Plan",
     "Spectra",
     "frame_to_frame",
+    "measure_pair",
     "pairs",
     "polish",
     "recentre",
     "shift_batch",
+    "shifted_total",
     "solve_pairs",
     "to_frame",
     "to_leave_one_out_mean",
@@ -174,6 +176,28 @@ def frame_to_frame(plan: Plan, src, spectra: Spectra):
     quality[0] = quality[1]
     shifts, total = recentre(plan, shifts, total)
     return shifts, quality, total
+
+
+def shifted_total(plan: Plan, src, spectra: Spectra, shifts):
+    """The summed windowed spectra moved by host ``shifts`` (n times the "mean" reference)."""
+    total = None
+    for start, stop, frames in src.batches(plan.batch_size, "mean", plan.progress):
+        spec, _ = spectra.get(start, frames)
+        total = _add(total, spectra.shifted_sum(spec, shifts[start:stop]))
+    return total
+
+
+def measure_pair(plan: Plan, src, i, j):
+    """Step (2,) from frame ``i`` to frame ``j`` and its quality, by the frame-to-frame search.
+
+    Used to tie a frame to the chain past frames that share no signal with it.
+    """
+    be = plan.be
+    spec = _dft.prepare_spectra(be, be.xp.concatenate([src.read(i, i + 1), src.read(j, j + 1)]),
+                                plan.window)
+    d, q, _ = plan.correlate(spec[:1], spec[1:], max_shift=plan.pair_limit, prefer_small=True,
+                             upsample=min(plan.upsample, 10))
+    return be.to_numpy(d)[0], float(be.to_numpy(q)[0])
 
 
 # --------------------------------------------------------------------------- refinement

@@ -26,6 +26,7 @@ from .._inputs import as_stack, is_frame_source, resolve_pixel_size
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array, resolve_backend
 from . import _dft
+from . import _rigid_gates as _gates
 from . import _rigid_passes as _passes
 from ._rigid_passes import shift_batch as _shift
 
@@ -59,13 +60,21 @@ class RigidResult(HostCopyMixin):
         Rows and columns of the registered frames where every frame holds measured data
         (outside it the shift brought in mirrored or edge-clamped pixels).
     flagged : (n,) bool array
-        Frames whose registration is doubtful: correlation peak below half the median
-        quality, coarse peak on the ``max_shift`` limit or on the edge of the +-4 px box
-        searched around the frame-to-frame estimate, or (pairs mode) fewer than half of the
-        frame's pair measurements consistent with the solution.
+        Frames whose registration is doubtful (``flag_reasons`` says why): a correlation
+        peak not above noise (fewer than 8 noise standard deviations, see
+        ``_rigid_gates``) or below half the median quality, no significant link to the
+        other frames, a shift at or beyond ``max_shift`` or a coarse peak on the edge of the
+        search, (pairs mode) fewer than half of the frame's pair measurements consistent
+        with the solution, or a shift far off the drift of the other frames that no
+        unit-cell translation explains.
     pixel_size_pm : float or None
     parameters : dict
-        Every option used, for the record.
+        Every option used, for the record; ``parameters["cell_jumps_corrected"]`` maps each
+        frame whose shift was moved by a lattice translation (a unit-cell jump against the
+        consensus of the other frames) to that translation (row, col) px.
+    flag_reasons : tuple of str
+        One entry per frame: ``""`` for a frame that passed every gate, else the reasons
+        (joined by ``"; "``). Empty for results saved before the gates existed.
     """
 
     shifts: Any
@@ -76,6 +85,7 @@ class RigidResult(HostCopyMixin):
     flagged: Any
     pixel_size_pm: float | None
     parameters: dict = field(default_factory=dict)
+    flag_reasons: tuple = ()
 
     @property
     def shifts_pm(self):
@@ -396,6 +406,12 @@ def register_rigid(
     spectra = _passes.Spectra(plan, cache=not src.lazy and spec_bytes < be.free_memory() // 4)
 
     shifts, quality, total = _passes.frame_to_frame(plan, src, spectra)
+    n_eff = _gates.effective_pixels(plan.window, (h, w))
+    chain, tied = _gates.relink(shifts, quality, n_eff,
+                                lambda i, j: _passes.measure_pair(plan, src, i, j))
+    if chain is not shifts:  # a weak link was bridged: the first mean follows the new chain
+        shifts, total = _passes.recentre(
+            plan, chain, _passes.shifted_total(plan, src, spectra, chain))
     at_limit, inlier_fraction = np.zeros(n, dtype=bool), None
     if mode == "pairs":
         shifts, quality, at_limit, inlier_fraction = _passes.pairs(plan, src, spectra, shifts,
@@ -407,24 +423,26 @@ def register_rigid(
             plan, src, spectra, shifts, quality, total, iterations)
     if polish:
         shifts = _passes.polish(plan, src, spectra, shifts)
+    shifts, reasons, corrected = _gates.judge(
+        shifts, quality, n_eff=n_eff, limit=limit, at_limit=at_limit,
+        inlier_fraction=inlier_fraction, tied=tied, window=plan.window,
+        frame=lambda k: be.to_numpy(src.read(k, k + 1)[0]))
     keep = out is None and keep_registered and not src.lazy
     registered = be.xp.empty((n, h, w), dtype=src.dtype) if keep else out
     mean_img = _passes.write_registered(plan, src, shifts, order, registered)
 
-    flagged = (quality < 0.5 * float(np.median(quality))) | at_limit
-    if inlier_fraction is not None:
-        flagged |= inlier_fraction < 0.5
+    flagged = np.array([bool(r) for r in reasons])
     params = {
         "reference": reference, "upsample": upsample, "window": window,
         "normalization": normalization, "max_shift": limit, "mode": mode, "band": band,
         "iterations": iterations if ref_index is None and mode == "reference" else 0,
         "polish": polish, "batch_size": plan.batch_size, "order": order, "backend": be.name,
-        "streamed": src.lazy, "shape": (n, h, w),
+        "streamed": src.lazy, "shape": (n, h, w), "cell_jumps_corrected": corrected,
     }
     return RigidResult(
         shifts=shifts, quality=quality, registered=registered, mean=mean_img,
         valid_region=valid_region(shifts, (n, h, w), order), flagged=flagged,
-        pixel_size_pm=src.pixel_size_pm, parameters=params,
+        pixel_size_pm=src.pixel_size_pm, parameters=params, flag_reasons=reasons,
     )
 
 
