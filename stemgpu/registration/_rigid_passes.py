@@ -64,6 +64,9 @@ class Plan:
     progress: bool
     window: Any
     col_weights: Any
+    #: Power of two the frames are multiplied by before their FFTs (exact, so the shifts
+    #: do not change): brings values of ~1e30 (or ~1e-30) into complex64's range.
+    scale: float = 1.0
 
     @property
     def frame_shape(self) -> tuple:
@@ -73,6 +76,14 @@ class Plan:
     def pair_limit(self) -> tuple | None:
         """Limit of a frame-to-frame (pair) shift: twice the frame-to-reference one."""
         return None if self.limit is None else (2 * self.limit[0], 2 * self.limit[1])
+
+    def scaled(self, frames):
+        return frames if self.scale == 1.0 else frames * self.be.xp.asarray(
+            self.scale, dtype=frames.dtype)
+
+    def prepare(self, frames):
+        """:func:`_dft.prepare_spectra` of the (scaled) frames with the plan's window."""
+        return _dft.prepare_spectra(self.be, self.scaled(frames), self.window)
 
     def correlate(self, ref, mov, *, max_shift, upsample=None, **kwargs):
         """:func:`_dft.correlate_batch` with the plan's options (device results)."""
@@ -98,8 +109,8 @@ class Spectra:
         if self._cache is not None and start in self._cache:
             return self._cache[start]
         be = self.plan.be
-        spec = _dft.prepare_spectra(be, frames, self.plan.window)
-        plain = (_dft.rfft2(be, frames).astype(be.xp.complex64, copy=False)
+        spec = self.plan.prepare(frames)
+        plain = (_dft.rfft2(be, self.plan.scaled(frames)).astype(be.xp.complex64, copy=False)
                  if self.plan.polish else None)
         if self._cache is not None:
             self._cache[start] = (spec, plain)
@@ -193,8 +204,7 @@ def measure_pair(plan: Plan, src, i, j):
     Used to tie a frame to the chain past frames that share no signal with it.
     """
     be = plan.be
-    spec = _dft.prepare_spectra(be, be.xp.concatenate([src.read(i, i + 1), src.read(j, j + 1)]),
-                                plan.window)
+    spec = plan.prepare(be.xp.concatenate([src.read(i, i + 1), src.read(j, j + 1)]))
     d, q, _ = plan.correlate(spec[:1], spec[1:], max_shift=plan.pair_limit, prefer_small=True,
                              upsample=min(plan.upsample, 10))
     return be.to_numpy(d)[0], float(be.to_numpy(q)[0])
@@ -217,7 +227,7 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
     Returns shifts (n, 2), quality (n,) and at-limit flags (n,).
     """
     be, ref_index = plan.be, plan.ref_index
-    ref_spec = _dft.prepare_spectra(be, src.read(ref_index, ref_index + 1), plan.window)[0]
+    ref_spec = plan.prepare(src.read(ref_index, ref_index + 1))[0]
     n = plan.shape[0]
     shifts, quality, at_limit = np.zeros((n, 2)), np.zeros(n, np.float32), np.zeros(n, bool)
     for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):

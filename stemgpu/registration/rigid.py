@@ -36,6 +36,9 @@ _ORDERS = ("fourier", "spline")
 _MODES = ("reference", "pairs")
 _WINDOWS = ("hann", None)
 _NORMALIZATIONS = (None, "phase")
+#: Finest sub-pixel refinement: 1/1000 px is far below any measured precision, and the
+#: refinement grid grows with the factor (10**6 asked for 596 GiB).
+MAX_UPSAMPLE = 1000
 #: Working memory per frame pixel of a batch: frame, spectra, correlation, padding.
 _BYTES_PER_PIXEL = 48
 
@@ -215,7 +218,10 @@ def apply_shifts(stack, shifts, *, order="fourier", backend=None):
     order = check_choice(order, "order", _ORDERS)
     cal = as_stack(stack, name="stack", min_frames=1, backend=backend)
     be = cal.backend
-    s = np.asarray(be.to_numpy(shifts) if is_cupy_array(shifts) else shifts, dtype=float)
+    try:
+        s = np.asarray(be.to_numpy(shifts) if is_cupy_array(shifts) else shifts, dtype=float)
+    except (TypeError, ValueError):
+        fail("shifts", "an (n, 2) array of numbers (px)", shifts)
     if s.shape != (cal.data.shape[0], 2):
         raise ValueError(f"shifts must have shape ({cal.data.shape[0]}, 2) for this stack; "
                          f"got {s.shape}")
@@ -293,7 +299,8 @@ def register_rigid(
         moved by the current shifts. ``"mean"`` shifts are defined up to a constant; they
         are returned with zero mean.
     upsample : int
-        Sub-pixel refinement factor (precision ~1/upsample px, then a parabolic vertex).
+        Sub-pixel refinement factor (precision ~1/upsample px, then a parabolic vertex),
+        1 to 1000.
     window : {"hann", None}
         Apodisation before correlation (separable Hann); the window-weighted mean is
         subtracted from each frame. ``None`` only subtracts the frame mean.
@@ -382,7 +389,7 @@ def register_rigid(
     be = src.be
     n, h, w = src.shape
     ref_index = _check_reference(reference, n)
-    upsample = check_int(upsample, "upsample", minimum=1)
+    upsample = check_int(upsample, "upsample", minimum=1, maximum=MAX_UPSAMPLE)
     check_choice(window, "window", _WINDOWS)
     check_choice(normalization, "normalization", _NORMALIZATIONS)
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
@@ -400,7 +407,7 @@ def register_rigid(
                                        gpu_fraction=0.25, cpu_fraction=0.125,
                                        cpu_cap=256 * 2**20, max_frames=64),
         window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
-        col_weights=_dft.half_spectrum_weights(be.xp, w))
+        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=_fft_scale(src))
     # In-memory stacks keep their spectra between passes when they fit comfortably.
     spec_bytes = 2 * n * h * (w // 2 + 1) * 8
     spectra = _passes.Spectra(plan, cache=not src.lazy and spec_bytes < be.free_memory() // 4)
@@ -444,6 +451,17 @@ def register_rigid(
         valid_region=valid_region(shifts, (n, h, w), order), flagged=flagged,
         pixel_size_pm=src.pixel_size_pm, parameters=params, flag_reasons=reasons,
     )
+
+
+def _fft_scale(src):
+    """Power of two bringing the largest pixel magnitude near 1 when it is outside
+    [2**-40, 2**40] (complex64 spectra of 1e30 counts overflow); 1 otherwise. Read from the
+    whole stack in memory, from the first frame of a streamed one."""
+    data = src.read(0, 1) if src.lazy else src.data
+    m = max(abs(float(data.max())), abs(float(data.min())))
+    if m == 0.0 or 2.0**-40 <= m <= 2.0**40:
+        return 1.0
+    return 2.0 ** -round(math.log2(m))
 
 
 def _check_reference(reference, n):
