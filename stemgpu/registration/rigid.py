@@ -413,7 +413,8 @@ def register_rigid(
     spectra = _passes.Spectra(plan, cache=not src.lazy and spec_bytes < be.free_memory() // 4)
 
     shifts, quality, total = _passes.frame_to_frame(plan, src, spectra)
-    n_eff = _gates.effective_pixels(plan.window, (h, w))
+    host_window = None if plan.window is None else be.to_numpy(plan.window)
+    n_eff = _gates.effective_pixels(host_window, (h, w))
     chain, tied = _gates.relink(shifts, quality, n_eff,
                                 lambda i, j: _passes.measure_pair(plan, src, i, j))
     if chain is not shifts:  # a weak link was bridged: the first mean follows the new chain
@@ -432,7 +433,7 @@ def register_rigid(
         shifts = _passes.polish(plan, src, spectra, shifts)
     shifts, reasons, corrected = _gates.judge(
         shifts, quality, n_eff=n_eff, limit=limit, at_limit=at_limit,
-        inlier_fraction=inlier_fraction, tied=tied, window=plan.window,
+        inlier_fraction=inlier_fraction, tied=tied, window=host_window,
         frame=lambda k: be.to_numpy(src.read(k, k + 1)[0]))
     keep = out is None and keep_registered and not src.lazy
     registered = be.xp.empty((n, h, w), dtype=src.dtype) if keep else out
