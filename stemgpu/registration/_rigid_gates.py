@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_SIGNIFICANCE", "effective_pixels", "judge", "relink"]
+__all__ = ["MIN_SIGNIFICANCE", "effective_pixels", "judge", "relink", "unrelated"]
 
 #: Peak significance (noise standard deviations) below which a frame is refused.
 MIN_SIGNIFICANCE = 8.0
@@ -55,21 +55,39 @@ def significance(quality, n_eff):
     return np.asarray(quality, dtype=np.float64) * np.sqrt(n_eff)
 
 
+def unrelated(quality, n_eff):
+    """Frames (n,) bool whose peak is not significant or below half the median quality."""
+    q = np.asarray(quality, dtype=np.float64)
+    return (significance(q, n_eff) < MIN_SIGNIFICANCE) | (q < RELATIVE_QUALITY * np.median(q))
+
+
 def relink(chain, step_quality, n_eff, measure):
     """Chain shifts that skip frame-to-frame links with no significant peak.
 
     ``chain`` (n, 2) are the summed frame-to-frame steps, ``step_quality`` (n,) the peak of
-    each step (entry k for the link k-1 -> k). A frame behind a weak link is measured
-    directly against the last frame tied to the chain (``measure(i, j)`` returns the step
-    i -> j and its quality); when that peak is significant the frame joins the chain there.
+    each step (entry k for the link k-1 -> k). A link is weak when its peak is not
+    significant or below half the best link quality. A frame behind a weak link is
+    measured directly against the last frame tied to the chain (``measure(i, j)`` returns the
+    step i -> j and its quality); when that peak passes the same tests (against the median of
+    the strong links) the frame joins the chain there.
     Returns the new chain (not recentred) and a (n,) bool array of frames tied to the chain.
     When every link is significant the chain is returned unchanged.
     """
     n = chain.shape[0]
-    strong = significance(step_quality, n_eff) >= MIN_SIGNIFICANCE
+    # A link is strong when its peak stands out of the noise and is not far below the
+    # best links (a frame of another lattice or orientation still correlates a little; the
+    # best, not the median, since unrelated frames break two links each).
+    best = float(np.max(step_quality[1:]))
+    strong = (significance(step_quality, n_eff) >= MIN_SIGNIFICANCE) & (
+        step_quality >= RELATIVE_QUALITY * best)
     strong[0] = False
     if strong[1:].all():
         return chain, np.ones(n, dtype=bool)
+    typical = float(np.median(step_quality[1:][strong[1:]])) if strong[1:].any() else 0.0
+
+    def ok(q):
+        return significance(q, n_eff) >= MIN_SIGNIFICANCE and q >= RELATIVE_QUALITY * typical
+
     step = np.diff(chain, axis=0, prepend=chain[:1])
     out_link = np.append(strong[1:], False)
     # The chain starts at the first frame with a significant link to its successor.
@@ -83,7 +101,7 @@ def relink(chain, step_quality, n_eff, measure):
             new[k] = new[k - 1] + step[k]
         else:
             d, q = measure(last, k)
-            if significance(q, n_eff) >= MIN_SIGNIFICANCE:
+            if ok(q):
                 new[k] = new[last] + d
             else:
                 new[k] = new[k - 1] + step[k]
@@ -92,7 +110,7 @@ def relink(chain, step_quality, n_eff, measure):
         last = k
     for k in range(start - 1, -1, -1):  # frames before the start, measured against it
         d, q = measure(start, k)
-        if significance(q, n_eff) >= MIN_SIGNIFICANCE:
+        if ok(q):
             new[k] = new[start] + d
             tied[k] = True
     return new, tied
@@ -133,9 +151,8 @@ def judge(shifts, quality, *, n_eff, limit, at_limit, inlier_fraction, tied, fra
 
     Returns ``(shifts, reasons, corrected)``: ``reasons[k]`` is ``""`` for a frame that
     passed every gate, ``corrected`` maps frame index to the lattice translation (row, col)
-    px removed from its shift. ``frame(k)`` returns frame ``k`` (host), whose
-    autocorrelation gives the lattice translations (read only when a frame is off the
-    drift).
+    px removed from its shift. ``frame(k)`` returns frame ``k`` (host); the autocorrelation
+    of the best frame gives the lattice translations.
     """
     n = shifts.shape[0]
     reasons = [[] for _ in range(n)]
@@ -168,24 +185,26 @@ def judge(shifts, quality, *, n_eff, limit, at_limit, inlier_fraction, tied, fra
     if ok.sum() >= 3:
         frames = np.flatnonzero(ok)
         resid = shifts[frames] - _trend(shifts[frames], frames)
+        dev = np.hypot(resid[:, 0], resid[:, 1])
+        image = frame(int(frames[np.argmax(quality[frames])]))
+        aliases = _alias_vectors(image, window)
+        period = (float(np.hypot(aliases[:, 0], aliases[:, 1]).min()) if len(aliases)
+                  else float(min(image.shape)))
+        floor = JUMP_FRACTION * period
         # Jitter from the steps between the kept frames (drift per step removed by the
-        # median): a fitted line through a few frames would leave too small residuals.
+        # median), leaving out the steps into and out of frames already beyond the floor:
+        # a line fitted through a few frames would leave too small residuals, and a jumped
+        # frame would inflate the scatter of both its steps.
         steps = np.diff(shifts[frames], axis=0) / np.diff(frames)[:, None]
+        clean = ~((dev > floor)[:-1] | (dev > floor)[1:])
+        steps = steps[clean] if clean.sum() >= 2 else steps
         steps = steps - np.median(steps, axis=0)
         scatter = 1.4826 * float(np.median(np.abs(steps))) / np.sqrt(2.0)
-        aliases, threshold = None, np.inf
+        threshold = max(floor, JUMP_SIGMAS * scatter)
+        majority = 2 * int((dev <= threshold).sum()) > len(frames)
         for idx, k in enumerate(frames):
-            dev = float(np.hypot(*resid[idx]))
-            if aliases is None:
-                image = frame(int(frames[np.argmax(quality[frames])]))
-                aliases = _alias_vectors(image, window)
-                period = (float(np.hypot(aliases[:, 0], aliases[:, 1]).min()) if len(aliases)
-                          else float(min(image.shape)))
-                threshold = max(JUMP_FRACTION * period, JUMP_SIGMAS * scatter)
-            if dev <= threshold:
+            if dev[idx] <= threshold:
                 continue
-            majority = 2 * int((np.hypot(resid[:, 0], resid[:, 1]) <= threshold).sum()) > len(
-                frames)
             miss = np.hypot(*(resid[idx][None] - aliases).T) if len(aliases) else np.array([])
             if majority and miss.size and miss.min() <= 0.5 * threshold:
                 vec = aliases[int(np.argmin(miss))]
@@ -193,6 +212,6 @@ def judge(shifts, quality, *, n_eff, limit, at_limit, inlier_fraction, tied, fra
                 corrected[int(k)] = (float(vec[0]), float(vec[1]))
             else:
                 reasons[k].append(
-                    f"shift {dev:.1f} px off the drift of the other frames (threshold "
+                    f"shift {dev[idx]:.1f} px off the drift of the other frames (threshold "
                     f"{threshold:.1f} px) and no clear unit-cell translation explains it")
     return shifts, tuple("; ".join(r) for r in reasons), corrected

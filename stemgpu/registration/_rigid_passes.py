@@ -129,12 +129,16 @@ def _add(total, part):
     return part if total is None else total + part
 
 
-def recentre(plan: Plan, raw, total):
+def recentre(plan: Plan, raw, total, keep=None):
     """Remove the undetermined constant from the shifts, and from the summed spectra too.
 
-    The constant is the mean shift (``reference="mean"``) or the reference frame's shift.
+    The constant is the mean shift (``reference="mean"``; over the ``keep`` frames when
+    given) or the reference frame's shift.
     """
-    c = raw.mean(axis=0) if plan.ref_index is None else raw[plan.ref_index].copy()
+    if plan.ref_index is not None:
+        c = raw[plan.ref_index].copy()
+    else:
+        c = raw.mean(axis=0) if keep is None else raw[keep].mean(axis=0)
     return raw - c, total * _dft.shift_ramp(plan.be, plan.be.asarray(-c[None]),
                                             plan.frame_shape)[0]
 
@@ -189,11 +193,14 @@ def frame_to_frame(plan: Plan, src, spectra: Spectra):
     return shifts, quality, total
 
 
-def shifted_total(plan: Plan, src, spectra: Spectra, shifts):
-    """The summed windowed spectra moved by host ``shifts`` (n times the "mean" reference)."""
+def shifted_total(plan: Plan, src, spectra: Spectra, shifts, keep=None):
+    """The summed windowed spectra moved by host ``shifts`` (n times the "mean" reference),
+    of the ``keep`` frames only when given (host bool (n,))."""
     total = None
     for start, stop, frames in src.batches(plan.batch_size, "mean", plan.progress):
         spec, _ = spectra.get(start, frames)
+        if keep is not None:
+            spec = spec * plan.be.asarray(keep[start:stop].astype(np.float32))[:, None, None]
         total = _add(total, spectra.shifted_sum(spec, shifts[start:stop]))
     return total
 
@@ -226,7 +233,7 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
 
     Returns shifts (n, 2), quality (n,) and at-limit flags (n,).
     """
-    be, ref_index = plan.be, plan.ref_index
+    ref_index = plan.ref_index
     ref_spec = plan.prepare(src.read(ref_index, ref_index + 1))[0]
     n = plan.shape[0]
     shifts, quality, at_limit = np.zeros((n, 2)), np.zeros(n, np.float32), np.zeros(n, bool)
@@ -237,32 +244,46 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
     return shifts, quality, at_limit
 
 
-def _leave_one_out(plan: Plan, total, spec, shifts):
-    """Spectra (B, H, Wh) of the mean of the other frames, from the summed spectra."""
+def _leave_one_out(plan: Plan, total, spec, shifts, keep=None):
+    """Spectra (B, H, Wh) of the mean of the other frames, from the summed spectra.
+
+    With ``keep`` (host bool (B,) for the batch, ``count`` kept frames in all) ``total``
+    sums the kept frames only, and a frame left out is compared with all of them.
+    """
     be = plan.be
     own = spec * _dft.shift_ramp(be, be.asarray(shifts), plan.frame_shape)
-    return (total[None] - own) / (plan.shape[0] - 1)
+    if keep is None:
+        return (total[None] - own) / (plan.shape[0] - 1)
+    k, count = keep
+    w = be.asarray(k.astype(np.float32))[:, None, None]
+    return (total[None] - own * w) / be.asarray((count - k).astype(np.float32))[:, None, None]
 
 
 def to_leave_one_out_mean(plan: Plan, src, spectra: Spectra, shifts, quality, total,
-                          iterations):
+                          iterations, keep=None):
     """Re-register every frame ``iterations`` times onto the mean of the other frames.
 
     Each iteration searches near the current shifts (the leave-one-out reference keeps a
     frame's own noise from pulling its peak to the previous estimate) and sums the spectra
-    for the next mean. Returns shifts, quality, at-limit flags and the summed spectra.
+    for the next mean. With ``keep`` (host bool (n,)) the mean is that of the kept frames
+    only (``total`` must sum only them), and the shifts get zero mean over them. Returns
+    shifts, quality, at-limit flags and the summed spectra.
     """
     n = plan.shape[0]
     quality, at_limit = quality.copy(), np.zeros(n, dtype=bool)
+    count = None if keep is None else int(keep.sum())
     for _ in range(iterations):
         new, part_sum = np.zeros_like(shifts), None
         for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):
             spec, _ = spectra.get(start, frames)
-            loo = _leave_one_out(plan, total, spec, shifts[start:stop])
+            part = None if keep is None else (keep[start:stop], count)
+            loo = _leave_one_out(plan, total, spec, shifts[start:stop], part)
             new[start:stop], quality[start:stop], at_limit[start:stop] = _near(
                 plan, loo, spec, shifts[start:stop], plan.limit)
-            part_sum = _add(part_sum, spectra.shifted_sum(spec, new[start:stop]))
-        shifts, total = recentre(plan, new, part_sum)
+            kept = spec if keep is None else spec * plan.be.asarray(
+                keep[start:stop].astype(np.float32))[:, None, None]
+            part_sum = _add(part_sum, spectra.shifted_sum(kept, new[start:stop]))
+        shifts, total = recentre(plan, new, part_sum, keep)
     return shifts, quality, at_limit, total
 
 

@@ -429,6 +429,15 @@ def register_rigid(
     else:
         shifts, quality, at_limit, total = _passes.to_leave_one_out_mean(
             plan, src, spectra, shifts, quality, total, iterations)
+        odd = _gates.unrelated(quality, n_eff)
+        if iterations and odd.any() and (~odd).sum() >= 2:
+            # Frames sharing no signal with the others would blur their mean: register
+            # every frame again onto the mean of the others that do.
+            keep = ~odd
+            shifts, _ = _passes.recentre(plan, shifts, total, keep)
+            shifts, quality, at_limit, total = _passes.to_leave_one_out_mean(
+                plan, src, spectra, shifts, quality,
+                _passes.shifted_total(plan, src, spectra, shifts, keep), iterations, keep)
     if polish:
         shifts = _passes.polish(plan, src, spectra, shifts)
     shifts, reasons, corrected = _gates.judge(
