@@ -414,7 +414,7 @@ def test_bad_inputs(small, tmp_path):
     with pytest.raises(ValueError, match=REF_MSG + r"1.5"):
         register_rigid(stack, reference=1.5, backend="numpy")
     cases = [
-        ({"upsample": 0}, "upsample must be an integer >= 1; got 0"),
+        ({"upsample": 0}, "upsample must be an integer >= 1 and <= 1000; got 0"),
         ({"window": "blackman"}, "window must be one of 'hann', None; got 'blackman'"),
         ({"normalization": "ncc"}, "normalization must be one of None, 'phase'; got 'ncc'"),
         ({"max_shift": -1},

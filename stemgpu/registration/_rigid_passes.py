@@ -28,10 +28,12 @@ __all__ = [
     "Plan",
     "Spectra",
     "frame_to_frame",
+    "measure_pair",
     "pairs",
     "polish",
     "recentre",
     "shift_batch",
+    "shifted_total",
     "solve_pairs",
     "to_frame",
     "to_leave_one_out_mean",
@@ -62,6 +64,9 @@ class Plan:
     progress: bool
     window: Any
     col_weights: Any
+    #: Power of two the frames are multiplied by before their FFTs (exact, so the shifts
+    #: do not change): brings values of ~1e30 (or ~1e-30) into complex64's range.
+    scale: float = 1.0
 
     @property
     def frame_shape(self) -> tuple:
@@ -71,6 +76,14 @@ class Plan:
     def pair_limit(self) -> tuple | None:
         """Limit of a frame-to-frame (pair) shift: twice the frame-to-reference one."""
         return None if self.limit is None else (2 * self.limit[0], 2 * self.limit[1])
+
+    def scaled(self, frames):
+        return frames if self.scale == 1.0 else frames * self.be.xp.asarray(
+            self.scale, dtype=frames.dtype)
+
+    def prepare(self, frames):
+        """:func:`_dft.prepare_spectra` of the (scaled) frames with the plan's window."""
+        return _dft.prepare_spectra(self.be, self.scaled(frames), self.window)
 
     def correlate(self, ref, mov, *, max_shift, upsample=None, **kwargs):
         """:func:`_dft.correlate_batch` with the plan's options (device results)."""
@@ -96,8 +109,8 @@ class Spectra:
         if self._cache is not None and start in self._cache:
             return self._cache[start]
         be = self.plan.be
-        spec = _dft.prepare_spectra(be, frames, self.plan.window)
-        plain = (_dft.rfft2(be, frames).astype(be.xp.complex64, copy=False)
+        spec = self.plan.prepare(frames)
+        plain = (_dft.rfft2(be, self.plan.scaled(frames)).astype(be.xp.complex64, copy=False)
                  if self.plan.polish else None)
         if self._cache is not None:
             self._cache[start] = (spec, plain)
@@ -116,12 +129,16 @@ def _add(total, part):
     return part if total is None else total + part
 
 
-def recentre(plan: Plan, raw, total):
+def recentre(plan: Plan, raw, total, keep=None):
     """Remove the undetermined constant from the shifts, and from the summed spectra too.
 
-    The constant is the mean shift (``reference="mean"``) or the reference frame's shift.
+    The constant is the mean shift (``reference="mean"``; over the ``keep`` frames when
+    given) or the reference frame's shift.
     """
-    c = raw.mean(axis=0) if plan.ref_index is None else raw[plan.ref_index].copy()
+    if plan.ref_index is not None:
+        c = raw[plan.ref_index].copy()
+    else:
+        c = raw.mean(axis=0) if keep is None else raw[keep].mean(axis=0)
     return raw - c, total * _dft.shift_ramp(plan.be, plan.be.asarray(-c[None]),
                                             plan.frame_shape)[0]
 
@@ -176,6 +193,30 @@ def frame_to_frame(plan: Plan, src, spectra: Spectra):
     return shifts, quality, total
 
 
+def shifted_total(plan: Plan, src, spectra: Spectra, shifts, keep=None):
+    """The summed windowed spectra moved by host ``shifts`` (n times the "mean" reference),
+    of the ``keep`` frames only when given (host bool (n,))."""
+    total = None
+    for start, stop, frames in src.batches(plan.batch_size, "mean", plan.progress):
+        spec, _ = spectra.get(start, frames)
+        if keep is not None:
+            spec = spec * plan.be.asarray(keep[start:stop].astype(np.float32))[:, None, None]
+        total = _add(total, spectra.shifted_sum(spec, shifts[start:stop]))
+    return total
+
+
+def measure_pair(plan: Plan, src, i, j):
+    """Step (2,) from frame ``i`` to frame ``j`` and its quality, by the frame-to-frame search.
+
+    Used to tie a frame to the chain past frames that share no signal with it.
+    """
+    be = plan.be
+    spec = plan.prepare(be.xp.concatenate([src.read(i, i + 1), src.read(j, j + 1)]))
+    d, q, _ = plan.correlate(spec[:1], spec[1:], max_shift=plan.pair_limit, prefer_small=True,
+                             upsample=min(plan.upsample, 10))
+    return be.to_numpy(d)[0], float(be.to_numpy(q)[0])
+
+
 # --------------------------------------------------------------------------- refinement
 
 
@@ -192,8 +233,8 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
 
     Returns shifts (n, 2), quality (n,) and at-limit flags (n,).
     """
-    be, ref_index = plan.be, plan.ref_index
-    ref_spec = _dft.prepare_spectra(be, src.read(ref_index, ref_index + 1), plan.window)[0]
+    ref_index = plan.ref_index
+    ref_spec = plan.prepare(src.read(ref_index, ref_index + 1))[0]
     n = plan.shape[0]
     shifts, quality, at_limit = np.zeros((n, 2)), np.zeros(n, np.float32), np.zeros(n, bool)
     for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):
@@ -203,32 +244,46 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
     return shifts, quality, at_limit
 
 
-def _leave_one_out(plan: Plan, total, spec, shifts):
-    """Spectra (B, H, Wh) of the mean of the other frames, from the summed spectra."""
+def _leave_one_out(plan: Plan, total, spec, shifts, keep=None):
+    """Spectra (B, H, Wh) of the mean of the other frames, from the summed spectra.
+
+    With ``keep`` (host bool (B,) for the batch, ``count`` kept frames in all) ``total``
+    sums the kept frames only, and a frame left out is compared with all of them.
+    """
     be = plan.be
     own = spec * _dft.shift_ramp(be, be.asarray(shifts), plan.frame_shape)
-    return (total[None] - own) / (plan.shape[0] - 1)
+    if keep is None:
+        return (total[None] - own) / (plan.shape[0] - 1)
+    k, count = keep
+    w = be.asarray(k.astype(np.float32))[:, None, None]
+    return (total[None] - own * w) / be.asarray((count - k).astype(np.float32))[:, None, None]
 
 
 def to_leave_one_out_mean(plan: Plan, src, spectra: Spectra, shifts, quality, total,
-                          iterations):
+                          iterations, keep=None):
     """Re-register every frame ``iterations`` times onto the mean of the other frames.
 
     Each iteration searches near the current shifts (the leave-one-out reference keeps a
     frame's own noise from pulling its peak to the previous estimate) and sums the spectra
-    for the next mean. Returns shifts, quality, at-limit flags and the summed spectra.
+    for the next mean. With ``keep`` (host bool (n,)) the mean is that of the kept frames
+    only (``total`` must sum only them), and the shifts get zero mean over them. Returns
+    shifts, quality, at-limit flags and the summed spectra.
     """
     n = plan.shape[0]
     quality, at_limit = quality.copy(), np.zeros(n, dtype=bool)
+    count = None if keep is None else int(keep.sum())
     for _ in range(iterations):
         new, part_sum = np.zeros_like(shifts), None
         for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):
             spec, _ = spectra.get(start, frames)
-            loo = _leave_one_out(plan, total, spec, shifts[start:stop])
+            part = None if keep is None else (keep[start:stop], count)
+            loo = _leave_one_out(plan, total, spec, shifts[start:stop], part)
             new[start:stop], quality[start:stop], at_limit[start:stop] = _near(
                 plan, loo, spec, shifts[start:stop], plan.limit)
-            part_sum = _add(part_sum, spectra.shifted_sum(spec, new[start:stop]))
-        shifts, total = recentre(plan, new, part_sum)
+            kept = spec if keep is None else spec * plan.be.asarray(
+                keep[start:stop].astype(np.float32))[:, None, None]
+            part_sum = _add(part_sum, spectra.shifted_sum(kept, new[start:stop]))
+        shifts, total = recentre(plan, new, part_sum, keep)
     return shifts, quality, at_limit, total
 
 

@@ -131,7 +131,23 @@ def _check_reference(reference, be, frames):
     if tuple(ref.shape) != tuple(frames.shape[1:]):
         raise ValueError(f"reference must have the frame shape {tuple(frames.shape[1:])}; got "
                          f"{tuple(ref.shape)}")
-    return ref.astype(frames.dtype, copy=False)
+    ref = ref.astype(frames.dtype, copy=False)
+    lo, hi = float(ref.min()), float(ref.max())
+    if not hi > lo:  # no contrast: no force, and the intensity match divides by zero
+        raise ValueError(f"reference must have contrast (a constant image gives no force to "
+                         f"register onto); got a constant image of value {lo:g}")
+    return ref
+
+
+def _check_sigmas(opts, shape):
+    """Smoothing widths bounded by half the frame: wider kernels only cost time (a width of
+    1e6 px would run for hours) and smooth every field to a constant."""
+    h, w = shape
+    for name in ("sigma_field", "sigma_update", "sigma_image"):
+        pair = getattr(opts, name)
+        if pair[0] > h / 2 or pair[1] > w / 2:
+            fail(name, f"at most half the frame size, ({h / 2:g}, {w / 2:g}) px for frames of "
+                 f"{h} x {w}", pair[0] if pair[0] == pair[1] else pair)
 
 
 @dataclass(frozen=True)
@@ -230,7 +246,12 @@ def warp(stack, displacement, *, order=1, backend=None):
         data = data[None]
     n, h, w = data.shape
     if not (is_cupy_array(displacement) or isinstance(displacement, np.ndarray)):
-        displacement = np.asarray(displacement, dtype=float)
+        try:
+            displacement = np.asarray(displacement, dtype=float)
+        except (TypeError, ValueError):
+            fail("displacement", "an array of numbers (px)", displacement)
+    if np.dtype(displacement.dtype).kind not in "iuf":
+        fail("displacement", "an array of real numbers (px)", displacement.dtype)
     expected = (2, h, w) if single else (n, 2, h, w)
     if tuple(displacement.shape) != expected:
         raise ValueError(f"displacement must have shape {expected} for this stack; got "
@@ -547,8 +568,9 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     Raises
     ------
     ValueError
-        For a malformed stack (not 3-D, NaN/inf pixels), a reference of the wrong shape,
-        or an option outside its accepted values (the message names it).
+        For a malformed stack (not 3-D, NaN/inf pixels), a reference of the wrong shape or
+        without contrast, a smoothing width over half the frame size, or an option outside
+        its accepted values (the message names it).
     TypeError
         For an unsupported container or dtype.
 
@@ -595,6 +617,7 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     if min(h, w) < 2**opts.levels:
         raise ValueError(f"levels={opts.levels} needs frames of at least {2**opts.levels} px; "
                          f"got {(h, w)}")
+    _check_sigmas(opts, (h, w))
     if reference is not None:
         ref = _check_reference(reference, be, frames)
         opts = replace(opts, rounds=1)

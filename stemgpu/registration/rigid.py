@@ -26,6 +26,7 @@ from .._inputs import as_stack, is_frame_source, resolve_pixel_size
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array, resolve_backend
 from . import _dft
+from . import _rigid_gates as _gates
 from . import _rigid_passes as _passes
 from ._rigid_passes import shift_batch as _shift
 
@@ -35,6 +36,9 @@ _ORDERS = ("fourier", "spline")
 _MODES = ("reference", "pairs")
 _WINDOWS = ("hann", None)
 _NORMALIZATIONS = (None, "phase")
+#: Finest sub-pixel refinement: 1/1000 px is far below any measured precision, and the
+#: refinement grid grows with the factor (10**6 asked for 596 GiB).
+MAX_UPSAMPLE = 1000
 #: Working memory per frame pixel of a batch: frame, spectra, correlation, padding.
 _BYTES_PER_PIXEL = 48
 
@@ -59,13 +63,21 @@ class RigidResult(HostCopyMixin):
         Rows and columns of the registered frames where every frame holds measured data
         (outside it the shift brought in mirrored or edge-clamped pixels).
     flagged : (n,) bool array
-        Frames whose registration is doubtful: correlation peak below half the median
-        quality, coarse peak on the ``max_shift`` limit or on the edge of the +-4 px box
-        searched around the frame-to-frame estimate, or (pairs mode) fewer than half of the
-        frame's pair measurements consistent with the solution.
+        Frames whose registration is doubtful (``flag_reasons`` says why): a correlation
+        peak not above noise (fewer than 8 noise standard deviations, see
+        ``_rigid_gates``) or below half the median quality, no significant link to the
+        other frames, a shift at or beyond ``max_shift`` or a coarse peak on the edge of the
+        search, (pairs mode) fewer than half of the frame's pair measurements consistent
+        with the solution, or a shift far off the drift of the other frames that no
+        unit-cell translation explains.
     pixel_size_pm : float or None
     parameters : dict
-        Every option used, for the record.
+        Every option used, for the record; ``parameters["cell_jumps_corrected"]`` maps each
+        frame whose shift was moved by a lattice translation (a unit-cell jump against the
+        consensus of the other frames) to that translation (row, col) px.
+    flag_reasons : tuple of str
+        One entry per frame: ``""`` for a frame that passed every gate, else the reasons
+        (joined by ``"; "``). Empty for results saved before the gates existed.
     """
 
     shifts: Any
@@ -76,6 +88,7 @@ class RigidResult(HostCopyMixin):
     flagged: Any
     pixel_size_pm: float | None
     parameters: dict = field(default_factory=dict)
+    flag_reasons: tuple = ()
 
     @property
     def shifts_pm(self):
@@ -205,7 +218,10 @@ def apply_shifts(stack, shifts, *, order="fourier", backend=None):
     order = check_choice(order, "order", _ORDERS)
     cal = as_stack(stack, name="stack", min_frames=1, backend=backend)
     be = cal.backend
-    s = np.asarray(be.to_numpy(shifts) if is_cupy_array(shifts) else shifts, dtype=float)
+    try:
+        s = np.asarray(be.to_numpy(shifts) if is_cupy_array(shifts) else shifts, dtype=float)
+    except (TypeError, ValueError):
+        fail("shifts", "an (n, 2) array of numbers (px)", shifts)
     if s.shape != (cal.data.shape[0], 2):
         raise ValueError(f"shifts must have shape ({cal.data.shape[0]}, 2) for this stack; "
                          f"got {s.shape}")
@@ -283,7 +299,8 @@ def register_rigid(
         moved by the current shifts. ``"mean"`` shifts are defined up to a constant; they
         are returned with zero mean.
     upsample : int
-        Sub-pixel refinement factor (precision ~1/upsample px, then a parabolic vertex).
+        Sub-pixel refinement factor (precision ~1/upsample px, then a parabolic vertex),
+        1 to 1000.
     window : {"hann", None}
         Apodisation before correlation (separable Hann); the window-weighted mean is
         subtracted from each frame. ``None`` only subtracts the frame mean.
@@ -372,7 +389,7 @@ def register_rigid(
     be = src.be
     n, h, w = src.shape
     ref_index = _check_reference(reference, n)
-    upsample = check_int(upsample, "upsample", minimum=1)
+    upsample = check_int(upsample, "upsample", minimum=1, maximum=MAX_UPSAMPLE)
     check_choice(window, "window", _WINDOWS)
     check_choice(normalization, "normalization", _NORMALIZATIONS)
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
@@ -390,12 +407,19 @@ def register_rigid(
                                        gpu_fraction=0.25, cpu_fraction=0.125,
                                        cpu_cap=256 * 2**20, max_frames=64),
         window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
-        col_weights=_dft.half_spectrum_weights(be.xp, w))
+        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=_fft_scale(src))
     # In-memory stacks keep their spectra between passes when they fit comfortably.
     spec_bytes = 2 * n * h * (w // 2 + 1) * 8
     spectra = _passes.Spectra(plan, cache=not src.lazy and spec_bytes < be.free_memory() // 4)
 
     shifts, quality, total = _passes.frame_to_frame(plan, src, spectra)
+    host_window = None if plan.window is None else be.to_numpy(plan.window)
+    n_eff = _gates.effective_pixels(host_window, (h, w))
+    chain, tied = _gates.relink(shifts, quality, n_eff,
+                                lambda i, j: _passes.measure_pair(plan, src, i, j))
+    if chain is not shifts:  # a weak link was bridged: the first mean follows the new chain
+        shifts, total = _passes.recentre(
+            plan, chain, _passes.shifted_total(plan, src, spectra, chain))
     at_limit, inlier_fraction = np.zeros(n, dtype=bool), None
     if mode == "pairs":
         shifts, quality, at_limit, inlier_fraction = _passes.pairs(plan, src, spectra, shifts,
@@ -405,27 +429,49 @@ def register_rigid(
     else:
         shifts, quality, at_limit, total = _passes.to_leave_one_out_mean(
             plan, src, spectra, shifts, quality, total, iterations)
+        odd = _gates.unrelated(quality, n_eff)
+        if iterations and odd.any() and (~odd).sum() >= 2:
+            # Frames sharing no signal with the others would blur their mean: register
+            # every frame again onto the mean of the others that do.
+            keep = ~odd
+            shifts, _ = _passes.recentre(plan, shifts, total, keep)
+            shifts, quality, at_limit, total = _passes.to_leave_one_out_mean(
+                plan, src, spectra, shifts, quality,
+                _passes.shifted_total(plan, src, spectra, shifts, keep), iterations, keep)
     if polish:
         shifts = _passes.polish(plan, src, spectra, shifts)
+    shifts, reasons, corrected = _gates.judge(
+        shifts, quality, n_eff=n_eff, limit=limit, at_limit=at_limit,
+        inlier_fraction=inlier_fraction, tied=tied, window=host_window,
+        frame=lambda k: be.to_numpy(src.read(k, k + 1)[0]))
     keep = out is None and keep_registered and not src.lazy
     registered = be.xp.empty((n, h, w), dtype=src.dtype) if keep else out
     mean_img = _passes.write_registered(plan, src, shifts, order, registered)
 
-    flagged = (quality < 0.5 * float(np.median(quality))) | at_limit
-    if inlier_fraction is not None:
-        flagged |= inlier_fraction < 0.5
+    flagged = np.array([bool(r) for r in reasons])
     params = {
         "reference": reference, "upsample": upsample, "window": window,
         "normalization": normalization, "max_shift": limit, "mode": mode, "band": band,
         "iterations": iterations if ref_index is None and mode == "reference" else 0,
         "polish": polish, "batch_size": plan.batch_size, "order": order, "backend": be.name,
-        "streamed": src.lazy, "shape": (n, h, w),
+        "streamed": src.lazy, "shape": (n, h, w), "cell_jumps_corrected": corrected,
     }
     return RigidResult(
         shifts=shifts, quality=quality, registered=registered, mean=mean_img,
         valid_region=valid_region(shifts, (n, h, w), order), flagged=flagged,
-        pixel_size_pm=src.pixel_size_pm, parameters=params,
+        pixel_size_pm=src.pixel_size_pm, parameters=params, flag_reasons=reasons,
     )
+
+
+def _fft_scale(src):
+    """Power of two bringing the largest pixel magnitude near 1 when it is outside
+    [2**-40, 2**40] (complex64 spectra of 1e30 counts overflow); 1 otherwise. Read from the
+    whole stack in memory, from the first frame of a streamed one."""
+    data = src.read(0, 1) if src.lazy else src.data
+    m = max(abs(float(data.max())), abs(float(data.min())))
+    if m == 0.0 or 2.0**-40 <= m <= 2.0**40:
+        return 1.0
+    return 2.0 ** -round(math.log2(m))
 
 
 def _check_reference(reference, n):
