@@ -423,7 +423,7 @@ def test_bad_inputs(small, tmp_path):
         ({"band": 0}, "band must be an integer >= 1; got 0"),
         ({"order": "cubic"}, "order must be one of 'fourier', 'spline'; got 'cubic'"),
         ({"batch_size": 0}, "batch_size must be 'auto' or an integer >= 1; got 0"),
-        ({"iterations": -1}, "iterations must be an integer >= 0; got -1"),
+        ({"iterations": -1}, "iterations must be an integer >= 0 and <= 100; got -1"),
         ({"polish": "yes"}, "polish must be True or False; got 'yes'"),
         ({"out": np.zeros((2, 3, 3))}, r"out must be a writable array-like of shape \(8, 160"),
         ({"pixel_size": -2}, "pixel_size must be a positive number in pm; got -2"),

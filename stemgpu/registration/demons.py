@@ -95,7 +95,8 @@ class DemonsResult(HostCopyMixin):
 
 
 def _check_order(order):
-    if isinstance(order, bool):  # True == 1 would otherwise pass as bilinear
+    # True == 1 and 1.0 == 1 would otherwise pass as bilinear
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):
         fail("order", "one of 0, 1, 3", order)
     return check_choice(order, "order", _ORDERS)
 
@@ -122,6 +123,8 @@ def _check_iterations(iterations, levels):
         fail("iterations", accepted, iterations)
     if any(i < 0 for i in its) or its[-1] < 1:
         fail("iterations", ">= 0 per level and >= 1 at the finest level", iterations)
+    if any(i > 10_000 for i in its):  # demons converges in tens to hundreds
+        fail("iterations", "at most 10000 per level", iterations)
     return its
 
 
@@ -147,7 +150,8 @@ def _check_sigmas(opts, shape):
         pair = getattr(opts, name)
         if pair[0] > h / 2 or pair[1] > w / 2:
             fail(name, f"at most half the frame size, ({h / 2:g}, {w / 2:g}) px for frames of "
-                 f"{h} x {w}", pair[0] if pair[0] == pair[1] else pair)
+                 f"{h} x {w} (or the stack's frames larger)", pair[0] if pair[0] == pair[1]
+                 else pair)
 
 
 @dataclass(frozen=True)
@@ -174,13 +178,15 @@ class _Options:
         diffeomorphic = _check_flag(diffeomorphic, "diffeomorphic")
         keep_fields = _check_flag(keep_fields, "keep_fields")
         order = _check_order(order)
-        levels = check_int(levels, "levels", minimum=1)
-        rounds = check_int(rounds, "rounds", minimum=1)
+        # Each level halves the frame: 16 levels span 65,536 px. Rounds re-run every level.
+        levels = check_int(levels, "levels", minimum=1, maximum=16)
+        rounds = check_int(rounds, "rounds", minimum=1, maximum=100)
         its = tuple(_check_iterations(iterations, levels))
         s_field = check_pair(sigma_field, "sigma_field", minimum=0)
         s_update = check_pair(sigma_update, "sigma_update", minimum=0)
         s_image = check_pair(sigma_image, "sigma_image", minimum=0)
-        max_step = check_real(max_step, "max_step", greater=0)
+        # px per iteration: below 1e-6 nothing moves, above 1e6 nothing is bounded.
+        max_step = check_real(max_step, "max_step", minimum=1e-6, maximum=1e6)
         ok = isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
         if not ok or not 0 <= tolerance < 1:
             fail("tolerance", "a number in [0, 1)", tolerance)

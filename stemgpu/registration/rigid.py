@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_int, check_pair, fail
+from .._checks import check_bool, check_choice, check_int, check_pair, fail
 from .._inputs import as_stack, is_frame_source, resolve_pixel_size
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array, resolve_backend
@@ -395,8 +395,11 @@ def register_rigid(
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
     check_choice(mode, "mode", _MODES)
     band = None if band is None else check_int(band, "band", minimum=1)
-    iterations = check_int(iterations, "iterations", minimum=0)
+    # Polish converges in a few rounds (each re-registers every frame): 100 is generous.
+    iterations = check_int(iterations, "iterations", minimum=0, maximum=100)
     order = check_choice(order, "order", _ORDERS)
+    check_bool(keep_registered, "keep_registered")
+    check_bool(progress, "progress")
     if not isinstance(polish, bool):
         fail("polish", "True or False", polish)
     _check_out(out, (n, h, w))
