@@ -223,5 +223,6 @@ def test_string_values_get_our_messages():
         demons_warp(stack, "x", backend="numpy")
     with pytest.raises(ValueError, match=r"sigma_field must be a number >= 0 .*; got '2'"):
         register_demons(stack, sigma_field="2", backend="numpy")
-    with pytest.raises(ValueError, match=r"max_step must be a finite number >= 1e-06 .*; got '0.5'"):
+    with pytest.raises(ValueError,
+                       match=r"max_step must be a finite number >= 1e-06 .*; got '0.5'"):
         register_demons(stack, max_step="0.5", backend="numpy")
