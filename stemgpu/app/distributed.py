@@ -470,12 +470,12 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     n, h, w = src.shape
     # the checks and the plan of register_rigid, in its order
     ref_index = rg._check_reference(reference, n)
-    upsample = check_int(upsample, "upsample", minimum=1)
+    upsample = check_int(upsample, "upsample", minimum=1, maximum=rg.MAX_UPSAMPLE)
     check_choice(window, "window", rg._WINDOWS)
     check_choice(normalization, "normalization", rg._NORMALIZATIONS)
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
     band = None if band is None else check_int(band, "band", minimum=1)
-    iterations = check_int(iterations, "iterations", minimum=0)
+    iterations = check_int(iterations, "iterations", minimum=0, maximum=100)
     order = check_choice(order, "order", rg._ORDERS)
     keep_registered = options.get("keep_registered", True)
     if not isinstance(keep_registered, bool):
@@ -488,7 +488,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
                                        gpu_fraction=0.25, cpu_fraction=0.125,
                                        cpu_cap=256 * 2**20, max_frames=64),
         window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
-        col_weights=_dft.half_spectrum_weights(be.xp, w))
+        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=rg._fft_scale(src))
     bsize = plan.batch_size
     ranges = [(s, min(n, s + bsize)) for s in range(0, n, bsize)]
     ctx = _RigidContext(plan, picklable_source(src.data) if src.lazy else None, src.dtype)
@@ -536,6 +536,15 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
             quality = np.concatenate([o[1] for o in out])
             at_limit = np.concatenate([o[2] for o in out])
             shifts, total = passes.recentre(plan, new, _ordered_sum(be, [o[3] for o in out]))
+    # The quality gates of register_rigid, on the client (host arrays of n numbers); the
+    # chain repair and the second round without unrelated frames run in process only.
+    from ..registration import _rigid_gates as gates
+
+    host_window = None if plan.window is None else be.to_numpy(plan.window)
+    shifts, reasons, corrected = gates.judge(
+        shifts, quality, n_eff=gates.effective_pixels(host_window, (h, w)), limit=limit,
+        at_limit=at_limit, inlier_fraction=None, tied=np.ones(n, dtype=bool),
+        window=host_window, frame=lambda k: be.to_numpy(src.read(k, k + 1)[0]))
     keep = keep_registered and not src.lazy
     out = run(_task_write, [(s, e, data(s, e), shifts[s:e]) for s, e in ranges], "shift",
               order, keep)
@@ -546,18 +555,18 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     registered = None
     if keep:
         registered = be.asarray(np.concatenate([o[1] for o in out]))
-    flagged = (quality < 0.5 * float(np.median(quality))) | at_limit
+    flagged = np.array([bool(r) for r in reasons])
     params = {
         "reference": reference, "upsample": upsample, "window": window,
         "normalization": normalization, "max_shift": limit, "mode": "reference", "band": band,
         "iterations": iterations if ref_index is None else 0,
         "polish": False, "batch_size": bsize, "order": order, "backend": be.name,
-        "streamed": src.lazy, "shape": (n, h, w),
+        "streamed": src.lazy, "shape": (n, h, w), "cell_jumps_corrected": corrected,
     }
     return rg.RigidResult(
         shifts=shifts, quality=quality, registered=registered, mean=mean_img,
         valid_region=rg.valid_region(shifts, (n, h, w), order), flagged=flagged,
-        pixel_size_pm=src.pixel_size_pm, parameters=params)
+        pixel_size_pm=src.pixel_size_pm, parameters=params, flag_reasons=reasons)
 
 
 def _ordered_sum(be, parts):
@@ -678,49 +687,14 @@ def track_columns_on(client, stack, positions, *, species=None, sigma=None, wind
     >>> bool(np.array_equal(tracks.positions, ref.positions, equal_nan=True))
     True
     """
-    import numpy as np
 
-    from .._checks import check_int, check_real
     from ..atoms import track as tr
-    from ..atoms.fit import AtomFit
-    from ..atoms.models import CONVERGED
-    from ..backend import to_host
 
     # the checks of track_columns, in its order
-    f_n = int(getattr(stack, "shape", (0,))[0]) if len(getattr(stack, "shape", ())) == 3 else 0
-    if f_n < 3:
-        raise ValueError(f"stack must be a (frames, rows, cols) stack of >= 3 frames; got "
-                         f"shape {tuple(getattr(stack, 'shape', ()))!r}")
-    for name, v in (("jump_z", jump_z), ("fade_z", fade_z), ("frame_z", frame_z)):
-        check_real(v, name, greater=0)
-    check_real(fade_fraction, "fade_fraction", greater=0, maximum=1)
-    check_real(fail_fraction, "fail_fraction", greater=0, maximum=1)
-    check_real(erratic_p, "erratic_p", greater=0, maximum=0.5)
-    check_real(level, "level", greater=0, maximum=0.9999)
-    start = positions
-    if isinstance(positions, AtomFit):
-        ok = to_host(positions.status) == CONVERGED
-        if species is not None:
-            species = np.asarray(species)[ok] if len(species) == len(ok) else species
-        if sigma is None:
-            sigma = float(np.nanmedian(to_host(positions.param("sigma"))[ok])) \
-                if "sigma" in positions.param_names else None
-        window = positions.parameters.get("window") if window is None else window
-        start = to_host(positions.positions)[ok]
-    start = np.asarray(to_host(start), dtype=np.float64)
-    if start.ndim != 2 or start.shape[1] != 2 or len(start) == 0:
-        raise ValueError(f"positions must be an (N, 2) array of (row, col) or an AtomFit; got "
-                         f"shape {start.shape}")
-    n = len(start)
-    species = np.full(n, "-") if species is None else np.asarray(species).astype(str)
-    if species.shape != (n,):
-        raise ValueError(f"species must have one label per column ({n}); got shape "
-                         f"{species.shape}")
-    if window is not None:
-        window = check_int(window, "window", minimum=5)
-    fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
-                  backend=backend)
+    start, species, fit_kw, gates = tr.prepare_tracking(
+        stack, positions, species=species, sigma=sigma, window=window, estimator=estimator,
+        model=model, engine=engine, backend=backend, jump_z=jump_z, fade_z=fade_z,
+        fade_fraction=fade_fraction, erratic_p=erratic_p, frame_z=frame_z,
+        fail_fraction=fail_fraction, level=level)
     fit = _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw)
-    gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
-                 frame_z=frame_z, fail_fraction=fail_fraction, level=level)
     return tr._assess(fit, species, gates)

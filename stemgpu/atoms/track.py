@@ -35,6 +35,7 @@ __all__ = [
     "calibration_ratios",
     "column_outliers",
     "frame_motion",
+    "prepare_tracking",
     "track_columns",
 ]
 
@@ -497,6 +498,20 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     >>> tracks.positions.shape[:2], sorted(tracks.calibration)
     ((6, 36), ['O', 'Sr', 'TiO'])
     """
+    start, species, fit_kw, gates = prepare_tracking(
+        stack, positions, species=species, sigma=sigma, window=window, estimator=estimator,
+        model=model, engine=engine, backend=backend, jump_z=jump_z, fade_z=fade_z,
+        fade_fraction=fade_fraction, erratic_p=erratic_p, frame_z=frame_z,
+        fail_fraction=fail_fraction, level=level)
+    fit = _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw)
+    return _assess(fit, species, gates)
+
+
+def prepare_tracking(stack, positions, *, species, sigma, window, estimator, model, engine,
+                     backend, jump_z, fade_z, fade_fraction, erratic_p, frame_z,
+                     fail_fraction, level):
+    """The checked inputs of :func:`track_columns`: ``(start, species, fit keywords, gates)``
+    (shared with the distributed twin, which runs the same fits as tasks)."""
     from .fit import AtomFit
 
     f_n = int(getattr(stack, "shape", (0,))[0]) if len(getattr(stack, "shape", ())) == 3 else 0
@@ -538,10 +553,9 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
         window = check_int(window, "window", minimum=5)
     fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
                   backend=backend, reference=reference)
-    fit = _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw)
     gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
                  frame_z=frame_z, fail_fraction=fail_fraction, level=level)
-    return _assess(fit, species, gates)
+    return start, species, fit_kw, gates
 
 
 def _columns(fit, keep):
