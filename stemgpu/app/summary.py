@@ -294,9 +294,11 @@ def quality(analysis) -> dict:
         out["frames"] = _frames(analysis)
     if analysis.atoms is not None:
         out["columns"] = _columns(analysis.atoms, analysis.species)
-        if analysis.species is not None:
-            out["species"] = _separation(analysis.atoms, analysis.species)
-            records.update(out["species"])
+        separation = {} if analysis.species is None else _separation(analysis.atoms,
+                                                                     analysis.species)
+        if separation:  # none for one intensity class
+            out["species"] = separation
+            records.update(separation)
     if analysis.cells is not None:
         out["cells"] = _cells(analysis.cells)
         records.update(out["cells"]["gates"])
