@@ -130,3 +130,20 @@ def test_old_file_prints_as_before_but_has_a_quality_record():
     assert q["frames"]["n_frames"] == 3 and q["cells"]["gates"] == {}
     assert q["columns"]["status"] == {"converged": 30, "out_of_bounds": 3}
     assert "  lattice gates: none recorded" in analysis.quality(as_text=True).splitlines()
+
+
+def test_separation_record_covers_every_intensity_class():
+    """O columns placed by geometry (fewer than 3 intensity classes) stay out of the record;
+    with three intensity classes (O among them) both adjacent pairs are in it."""
+    from stemgpu.atoms.fit import fit_atoms
+
+    image, truth = stemgpu.simulate_image((160, 160), dose=2000.0, seed=1)
+    keep = truth.visible(0, margin=10)
+    fit = fit_atoms(image, truth.image_positions(0)[keep], sigma=truth.probe_sigma_px)
+    labels = np.array([{"Sr": "A", "TiO": "B", "O": "O"}[x] for x in truth.species[keep]])
+    pairs = {}
+    for n_classes in (2, 3):
+        info = {"pixel_size_pm": 14.6, "options": {"atoms": {"n_classes": n_classes}}}
+        q = Analysis({"info": info, "atoms": fit, "species": labels}).quality()
+        pairs[n_classes] = list(q["species"]["species_separation"]["pairs"])
+    assert pairs == {2: ["A/B"], 3: ["A/B", "B/O"]}

@@ -224,13 +224,15 @@ def _columns(atoms, species) -> dict:
     return out
 
 
-def _separation(atoms, species) -> dict:
+def _separation(atoms, species, n_classes: int) -> dict:
     """The species-separation gate's record, measured on the final fit's amplitudes of the
-    intensity classes (O columns placed by geometry and unlabelled columns left out)."""
+    intensity classes (unlabelled columns left out, and the O columns when they were placed
+    by geometry: with fewer than 3 intensity classes)."""
     from ..lattice.gates import AnalysisError, check_separation
 
     sp = np.asarray(species).astype(str)
-    use = (to_host(atoms.status) == 0) & ~np.isin(sp, ("O", "-"))
+    out = ("-",) if n_classes >= 3 else ("O", "-")
+    use = (to_host(atoms.status) == 0) & ~np.isin(sp, out)
     amp = np.asarray(to_host(atoms.param("amplitude")), dtype=float)[use]
     if len(set(sp[use])) < 2:
         return {}
@@ -294,8 +296,10 @@ def quality(analysis) -> dict:
         out["frames"] = _frames(analysis)
     if analysis.atoms is not None:
         out["columns"] = _columns(analysis.atoms, analysis.species)
-        separation = {} if analysis.species is None else _separation(analysis.atoms,
-                                                                     analysis.species)
+        n_classes = int(((analysis.info or {}).get("options") or {}).get("atoms", {})
+                        .get("n_classes", 2))
+        separation = {} if analysis.species is None else _separation(
+            analysis.atoms, analysis.species, n_classes)
         if separation:  # none for one intensity class
             out["species"] = separation
             records.update(separation)
