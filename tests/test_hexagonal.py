@@ -201,3 +201,82 @@ def test_hexagonal_gates():
         unit_cells(square, lattice="median", lattice_parameter=300.0, pixel_size=10.0)
     with pytest.raises(AnalysisError, match="no two lattice translations"):
         unit_cells(np.random.default_rng(0).random((50, 2)) * 100, lattice="generic")
+
+
+# --------------------------------------------------------------------------- analyze
+
+MOS2_PROBE_PM = 35.0  # Mo-S 182 pm apart = 5.2 probe sigmas: windows see little of neighbours
+
+
+@pytest.fixture(scope="module")
+def mos2_runs():
+    """analyze(lattice="hexagonal") of four simulated MoS2 images (200 counts per Mo peak)."""
+    runs = []
+    for seed in range(4):
+        image, truth = simulate_image((384, 384), lattice="MoS2", dose=200.0, rotation_deg=7.0,
+                                      probe_sigma_pm=MOS2_PROBE_PM, seed=seed)
+        res = stemgpu.analyze(image, pixel_size=truth.pixel_size_pm, steps=("atoms", "cells"),
+                              progress=False, lattice="hexagonal")
+        runs.append((image, truth, res))
+    return runs
+
+
+def test_analyze_mos2_positions_at_the_crlb(mos2_runs):
+    """Fitted Mo and S2 positions scatter about the truth within 1.1x the Cramer-Rao bound
+    (rms over the columns inside the image), labelled by intensity as two classes."""
+    from scipy.spatial import cKDTree
+
+    from stemgpu.atoms.crlb import crlb
+
+    image, truth, res = mos2_runs[0]
+    pos = truth.image_positions(0)
+    n = len(pos)
+    params = np.stack([truth.intensity * 200.0, pos[:, 0], pos[:, 1],
+                       np.full(n, truth.probe_sigma_px), np.full(n, truth.background * 200.0)],
+                      axis=1)
+    bound = crlb(params, image_shape=image.shape)
+    ok = np.asarray(res.atoms.status) == 0
+    fitted = np.asarray(res.atoms.positions)[ok]
+    dist, near = cKDTree(pos).query(fitted)
+    inside = truth.visible(0, margin=12)[near] & (dist < 1.0)
+    labels = np.asarray(res.species)[ok]
+    for species, label in (("Mo", "A"), ("S2", "B")):
+        m = inside & (truth.species[near] == species)
+        assert m.sum() > 250 and set(labels[m]) == {label}
+        rms = np.sqrt(np.mean((fitted[m] - pos[near[m]]) ** 2))
+        assert rms <= 1.1 * np.sqrt(np.mean(bound[near[m]][:, 1:3] ** 2)), species
+
+
+def test_analyze_mos2_cell_parameter_within_one_sigma(mos2_runs):
+    """The summary's |a1|, |a2| (primitive Mo cells) lie within their one-sigma total
+    uncertainty of 316 pm in each of the four images; the quality section records the
+    hexagonal gates and no warning."""
+    for _, truth, res in mos2_runs:
+        a_true = float(np.linalg.norm(truth.lattice_vectors[0])) * truth.pixel_size_pm
+        rows = res.summary()
+        for key in ("a1_length_pm", "a2_length_pm"):
+            assert abs(rows[key].value - a_true) <= rows[key].total_uncertainty, key
+        q = res.quality()
+        assert q["cells"]["lattice"] == "hexagonal" and q["warnings"] == []
+        assert set(q["cells"]["gates"]) == {"side_ratio", "angle_deviation_deg"}
+        assert "O" not in set(np.asarray(res.species).tolist())  # no perovskite O columns
+
+
+def test_analyze_graphene_one_class():
+    """A one-species honeycomb: atoms={"n_classes": 1}, cells on one of its sublattices."""
+    image, truth = simulate_image((320, 320), lattice="honeycomb", dose=200.0,
+                                  probe_sigma_pm=MOS2_PROBE_PM, seed=1)
+    res = stemgpu.analyze(image, pixel_size=truth.pixel_size_pm, steps=("atoms", "cells"),
+                          progress=False, cells={"lattice": "hexagonal"},
+                          atoms={"n_classes": 1})
+    row = res.summary()["a1_length_pm"]
+    assert abs(row.value - 246.0) <= 2 * row.total_uncertainty
+    assert "species" not in res.quality()  # one class: no separation to test
+
+
+def test_analyze_lattice_keyword_and_cells_option_must_agree():
+    image, _ = simulate_image((64, 64), dose=None, seed=0)
+    with pytest.raises(ValueError, match=r"lattice= and cells=\{'lattice': \.\.\.\} both given "
+                                         r"\('hexagonal', 'generic'\); give one"):
+        stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"), progress=False,
+                        lattice="hexagonal", cells={"lattice": "generic"})

@@ -40,8 +40,8 @@ from typing import Any
 from .._progress import progress_bar
 from . import stages
 from .steps import STEPS, check_options, check_steps
-from .summary import summary_rows
-from .table import format_rows
+from .summary import quality, summary_rows
+from .table import format_quality, format_rows
 
 __all__ = ["Analysis", "analyze"]
 
@@ -106,9 +106,40 @@ class Analysis:
         residual std). Smallest and longest side are order statistics of four noisy sides:
         position noise biases them apart (see ``|a1|``, ``|a2|`` for unbiased side
         lengths). The rows are built in :mod:`stemgpu.app.summary`.
+
+        The text ends with the quality section (:meth:`quality`) after the notes; an analysis
+        saved before the section existed (no ``info["quality_section"]``) prints as it did.
         """
         rows = summary_rows(self)
-        return format_rows(rows) if as_text else rows
+        if not as_text:
+            return rows
+        text = format_rows(rows)
+        if (self.info or {}).get("quality_section"):
+            text += "\n" + format_quality(quality(self))
+        return text
+
+    def quality(self, as_text: bool = False):
+        """How far the numbers can be trusted: flagged frames and columns and why, the
+        fraction of candidate cells rejected, every gate's record and a warning line for each
+        gate that came close to its limit.
+
+        Returns the dict of :func:`stemgpu.app.summary.quality` (derived from the stored
+        results only, so a saved and loaded analysis gives the same), or its text with
+        ``as_text=True``.
+
+        Examples
+        --------
+        >>> import stemgpu
+        >>> image, _ = stemgpu.simulate_image((160, 160), seed=0)
+        >>> res = stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"),
+        ...                       progress=False)
+        >>> res.quality()["cells"]["fraction_rejected"] < 0.5
+        True
+        >>> print(res.quality(as_text=True).splitlines()[0])
+        quality:
+        """
+        q = quality(self)
+        return format_quality(q) if as_text else q
 
     def __str__(self) -> str:
         return self.summary(as_text=True)
@@ -174,7 +205,7 @@ class _Clock:
 
 def analyze(stack, *, pixel_size: float | None = None,
             steps: Sequence[str] = STEPS, backend=None, progress: bool = True,
-            client=None, **stage_options) -> Analysis:
+            lattice=None, client=None, **stage_options) -> Analysis:
     """Register a stack, fit its atom columns and measure its unit cells, in one call.
 
     Parameters
@@ -195,6 +226,11 @@ def analyze(stack, *, pixel_size: float | None = None,
         See :mod:`stemgpu.backend`; every stage runs on it.
     progress : bool
         tqdm progress bars per stage.
+    lattice : {"perovskite", "hexagonal", "generic"}, float or (2, 2) array, optional
+        The ``lattice=`` of :func:`stemgpu.unit_cells` (the same as ``cells={"lattice":
+        ...}``). For ``"hexagonal"`` / ``"generic"`` no O columns are placed and the cells
+        are the primitive cells of the brightest intensity class (``atoms={"n_classes": 1}``
+        for a one-species lattice such as graphene).
     client : {None, "local", "local-cuda"}, str or distributed.Client
         None (default): everything in this process, no dask. Otherwise rigid registration
         and column tracking run frame batch by frame batch as dask.distributed tasks (see
@@ -240,19 +276,26 @@ def analyze(stack, *, pixel_size: float | None = None,
     """
     steps = check_steps(steps)
     opts = check_options(stage_options)
+    if lattice is not None:
+        given = opts.setdefault("cells", {}).setdefault("lattice", lattice)
+        if given is not lattice:
+            raise ValueError(f"lattice= and cells={{'lattice': ...}} both given ({lattice!r}, "
+                             f"{given!r}); give one")
     if client is not None:
         from .distributed import cluster_client, is_client
 
         if not is_client(client):  # start or connect to a cluster for this call only
             with cluster_client(client, say=print if progress else _silent) as connected:
                 return analyze(stack, pixel_size=pixel_size, steps=steps, backend=backend,
-                               progress=progress, client=connected, **stage_options)
+                               progress=progress, lattice=lattice, client=connected,
+                               **stage_options)
     prep = stages.prepare_input(stack, steps, pixel_size, backend)
     be = prep.backend
     info: dict[str, Any] = {"pixel_size_pm": prep.pixel_size_pm, "steps": list(steps),
                             "backend": be.name, "device": be.device_name,
                             "shape": list(prep.shape), "timings_s": {}, "options": opts,
-                            "streamed": prep.streamed}
+                            "streamed": prep.streamed,
+                            "quality_section": True}
     from ..io.provenance import source_of
 
     source = source_of(stack, checksum=False)  # a Dataset from stemgpu.open knows its file

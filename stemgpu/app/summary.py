@@ -3,7 +3,10 @@
 Each row is a :class:`Row`: a value with its one-sigma statistical uncertainty, the known
 systematic floor of the fit (:data:`~stemgpu.app.statistics.SYSTEMATIC`), the spread over
 frames or cells and a note. :func:`summary_rows` builds them from the stage results;
-:func:`~stemgpu.app.table.format_rows` prints them.
+:func:`~stemgpu.app.table.format_rows` prints them. :func:`quality` gathers, from the same
+stored results, how far the numbers can be trusted: frames and columns flagged and why, the
+fraction of candidate cells rejected, every gate's record and a warning for each gate that
+came close to its limit (:func:`~stemgpu.app.table.format_quality` prints it).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import numpy as np
 from ..backend import to_host
 from .statistics import std_interval, systematic_floor, t_quantile
 
-__all__ = ["CELL_ROWS", "Row", "atom_rows", "cell_rows", "drift_rows", "summary_rows",
-           "track_rows"]
+__all__ = ["CELL_ROWS", "Row", "atom_rows", "cell_rows", "drift_rows", "quality",
+           "summary_rows", "track_rows"]
 
 #: Cell-statistics rows shown in the summary: (name, label, unit), in table order.
 CELL_ROWS = (
@@ -100,6 +103,15 @@ def drift_rows(drift) -> dict[str, Row]:
     return rows
 
 
+def _contrast_note(parameters) -> str:
+    """How the columns' contrast was chosen, when it is not the plain default (bright, given)."""
+    note = parameters.get("contrast_note")
+    chosen = parameters.get("contrast_chosen")
+    if note and (parameters.get("contrast") == "dark" or chosen == "auto"):
+        return f"; {note}"
+    return ""
+
+
 def atom_rows(atoms, species, pixel_size_pm: float) -> dict[str, Row]:
     """Converged column count and the median position error (A and B columns when labelled)."""
     ok = to_host(atoms.status) == 0
@@ -107,7 +119,8 @@ def atom_rows(atoms, species, pixel_size_pm: float) -> dict[str, Row]:
     rows = {"columns_fitted": Row(
         "columns fitted (converged)", float(ok.sum()), 0.0, "",
         note=f"of {len(ok)}; " + ", ".join(f"{k} {v}" for k, v in
-                                           atoms.status_counts().items()))}
+                                           atoms.status_counts().items())
+        + _contrast_note(atoms.parameters))}
     use, note = (main, "one sigma per axis, A and B columns (Fisher information)") \
         if main.any() else (ok, "")
     if use.any():
@@ -175,3 +188,138 @@ def summary_rows(analysis) -> dict[str, Row]:
     if analysis.tracks is not None:
         rows.update(track_rows(analysis.tracks, analysis.frame_series))
     return rows
+
+
+# ---------------------------------------------------------------------------- quality
+
+
+def _rigid_reasons(rigid) -> dict[int, str]:
+    """Why each flagged frame was flagged: ``RigidResult.flag_reasons`` when the result has
+    them, else what the stored qualities tell (a weak correlation peak, or the shift on a
+    search limit / inconsistent pair measurements, which the result does not tell apart)."""
+    flagged = np.flatnonzero(to_host(rigid.flagged).astype(bool))
+    stored = getattr(rigid, "flag_reasons", None)
+    if stored is not None:
+        if isinstance(stored, dict):
+            return {int(k): str(v) for k, v in stored.items() if int(k) in set(flagged)}
+        return {int(f): str(stored[f]) or "flagged" for f in flagged}
+    q = np.asarray(to_host(rigid.quality), dtype=float)
+    half = 0.5 * float(np.median(q))
+    return {int(f): (f"correlation peak {q[f]:.3g} below half the median ({half:.3g})"
+                     if q[f] < half else
+                     "shift on a search limit or pair measurements inconsistent")
+            for f in flagged}
+
+
+def _frames(analysis) -> dict:
+    rigid = analysis.rigid
+    n = len(to_host(rigid.flagged))
+    out = {"n_frames": n, "flagged": _rigid_reasons(rigid)}
+    kept = (analysis.info or {}).get("demons_frames")
+    if kept is not None:
+        out["demons_left_out"] = sorted(set(range(n)) - {int(k) for k in kept})
+    return out
+
+
+def _columns(atoms, species) -> dict:
+    st = to_host(atoms.status)
+    out = {"n_columns": int(st.size), "status": atoms.status_counts()}
+    if atoms.width_fixed is not None:
+        out["width_held"] = int(np.asarray(to_host(atoms.width_fixed)).sum())
+    if species is not None:
+        sp = np.asarray(species).astype(str)
+        bad = st != 0
+        out["not_converged_by_species"] = {
+            str(s): int((bad & (sp == s)).sum()) for s in sorted(set(sp[bad]) - {"-"})}
+    return out
+
+
+def _separation(atoms, species, n_classes: int) -> dict:
+    """The species-separation gate's record, measured on the final fit's amplitudes of the
+    intensity classes (unlabelled columns left out, and the O columns when they were placed
+    by geometry: with fewer than 3 intensity classes)."""
+    from ..lattice.gates import AnalysisError, check_separation
+
+    sp = np.asarray(species).astype(str)
+    out = ("-",) if n_classes >= 3 else ("O", "-")
+    use = (to_host(atoms.status) == 0) & ~np.isin(sp, out)
+    amp = np.asarray(to_host(atoms.param("amplitude")), dtype=float)[use]
+    if len(set(sp[use])) < 2:
+        return {}
+    try:
+        return check_separation(amp, sp[use])
+    except AnalysisError as exc:
+        return {"species_separation": {"value": float("nan"), "limit": 0.0, "passed": False,
+                                       "reason": str(exc)}}
+
+
+def _cells(cells) -> dict:
+    p = cells.parameters
+    accepted = int(p.get("cells", cells.n_cells))
+    rejected = {k[len("rejected_"):]: int(v) for k, v in p.items()
+                if k.startswith("rejected_")}
+    candidates = int(p.get("candidates", accepted + sum(rejected.values())))
+    return {"candidates": candidates, "accepted": accepted,
+            "fraction_rejected": 1.0 - accepted / candidates if candidates else float("nan"),
+            "rejected": rejected, "positions_skipped": int(p.get("n_flagged", 0)),
+            "lattice": p.get("reference_kind"), "gates": dict(p.get("gates", {}))}
+
+
+def _tracking(tracks) -> dict:
+    ff = np.asarray(to_host(tracks.frame_flagged), dtype=bool)
+    reasons = np.asarray(tracks.frame_reasons).astype(str)
+    return {"n_columns": int(len(tracks.column_flags)),
+            "columns_flagged": int((np.asarray(tracks.column_flags) != 0).sum()),
+            "column_flags": tracks.flagged_columns(),
+            "n_frames": int(len(ff)),
+            "frames_flagged": {int(f): str(reasons[f]) for f in np.flatnonzero(ff)}}
+
+
+def quality(analysis) -> dict:
+    """How far the numbers of an analysis can be trusted, from its stored results.
+
+    Returns a dict with, for the stages that ran: ``"frames"`` (rigid registration: number
+    of frames, ``{frame: reason}`` of the flagged ones, frames left out of demons),
+    ``"columns"`` (fit status counts by :data:`~stemgpu.atoms.models.STATUS_NAMES`, columns
+    whose width was held at the median, failed fits by species), ``"species"`` (the
+    species-separation gate's record, on the final fit's amplitudes), ``"cells"`` (candidate
+    cells, accepted, the fraction rejected and why, every lattice gate's record),
+    ``"tracking"`` (flagged columns and frames of the ``"track"`` step) and ``"warnings"``:
+    one line per gate that passed but came close to its limit
+    (:func:`~stemgpu.lattice.gates.gate_warnings`) or failed.
+
+    Examples
+    --------
+    >>> import stemgpu
+    >>> from stemgpu.app.summary import quality
+    >>> image, _ = stemgpu.simulate_image((160, 160), seed=0)
+    >>> q = quality(stemgpu.analyze(image, pixel_size=14.6, steps=("atoms", "cells"),
+    ...                             progress=False))
+    >>> sorted(q), q["cells"]["lattice"], q["warnings"]
+    (['cells', 'columns', 'species', 'warnings'], 'square', [])
+    """
+    from ..lattice.gates import gate_warnings
+
+    out: dict = {}
+    records: dict = {}
+    if analysis.rigid is not None:
+        out["frames"] = _frames(analysis)
+    if analysis.atoms is not None:
+        out["columns"] = _columns(analysis.atoms, analysis.species)
+        n_classes = int(((analysis.info or {}).get("options") or {}).get("atoms", {})
+                        .get("n_classes", 2))
+        separation = {} if analysis.species is None else _separation(
+            analysis.atoms, analysis.species, n_classes)
+        if separation:  # none for one intensity class
+            out["species"] = separation
+            records.update(separation)
+    if analysis.cells is not None:
+        out["cells"] = _cells(analysis.cells)
+        records.update(out["cells"]["gates"])
+    if analysis.tracks is not None:
+        out["tracking"] = _tracking(analysis.tracks)
+    warnings = gate_warnings({k: r for k, r in records.items() if np.isfinite(r["value"])})
+    warnings += [f"gate {k} failed: {r.get('reason', '')}".rstrip(": ")
+                 for k, r in records.items() if not r.get("passed", True)]
+    out["warnings"] = warnings
+    return out
