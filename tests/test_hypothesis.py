@@ -722,16 +722,6 @@ OPEN = [
     ("register_demons", "order", lambda v: isinstance(v, float),
      "order=0.0: \"'float' object cannot be interpreted as an integer\"",
      (*_DEMONS, {"backend": "numpy", "iterations": 3, "order": 0.0})),
-    ("find_atoms", "sigma", lambda v: _not_number(v) or _large(1e3)(v),
-     "sigma=() / '' / 1+2j give NumPy's messages; sigma=1e6 runs for minutes, 1e9 asks for "
-     "30 GiB, 2**63 'Maximum allowed size exceeded': no type check, no bound against the "
-     "image size", (*_FIND, {"sigma": ""})),
-    ("find_atoms", "min_distance", _large(1e4),
-     "min_distance=1e9 MemoryError, 2**63 OverflowError: no upper bound",
-     (*_FIND, {"min_distance": 2**63})),
-    ("find_atoms", "threshold", lambda v: not _number(v),
-     "threshold=None / '' / (): TypeError \"'<' not supported\" (no type check)",
-     (*_FIND, {"threshold": None})),
     ("fit_atoms", "sigma", lambda v: _not_number(v) or _large(1e3)(v),
      "sigma='' / (): NumPy's messages; sigma=1e6: the error names window=5000001, not sigma",
      (*_FIT, {"sigma": ()})),
