@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_int, check_real
+from .._checks import check_batch_size, check_int, check_real
 from ..backend import HostCopyMixin, to_host
 from .models import CONVERGED
 
@@ -509,6 +509,7 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     check_real(fail_fraction, "fail_fraction", greater=0, maximum=1)
     check_real(erratic_p, "erratic_p", greater=0, maximum=0.5)
     check_real(level, "level", greater=0, maximum=0.9999)
+    check_batch_size(batch_frames, "batch_frames")
     start, reference = positions, None
     if isinstance(positions, AtomFit):
         ok = to_host(positions.status) == CONVERGED
