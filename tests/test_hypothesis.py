@@ -722,12 +722,6 @@ OPEN = [
     ("register_demons", "order", lambda v: isinstance(v, float),
      "order=0.0: \"'float' object cannot be interpreted as an integer\"",
      (*_DEMONS, {"backend": "numpy", "iterations": 3, "order": 0.0})),
-    ("unit_cells", "intensities", _non_numeric,
-     "intensities='' / [1, 'a']: \"could not convert string to float\" (no type check)",
-     (stemgpu.unit_cells, (_GRID,), {"pixel_size": 40.0, "intensities": "x"})),
-    ("unit_cells", "lattice", lambda v: _non_numeric(v) and not isinstance(v, str),
-     "lattice=[1, 'a'] / 1+2j / {}: NumPy's and float()'s messages",
-     (stemgpu.unit_cells, (_GRID,), {"pixel_size": 40.0, "lattice": [1, "a"]})),
     ("unit_cells", "lattice_parameter", lambda v: any(abs(x / 400.0 - 1) > 0.15
                                                       for x in _numbers(v) if x > 0),
      "lattice_parameter=10 (cells of 400 pm): the gate's AnalysisError does not name "
