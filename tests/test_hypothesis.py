@@ -727,18 +727,6 @@ OPEN = [
      "lattice_parameter=10 (cells of 400 pm): the gate's AnalysisError does not name "
      "lattice_parameter", (stemgpu.unit_cells, (_GRID,), {"pixel_size": 40.0,
                                                            "lattice_parameter": 10.0})),
-    ("frame_series", "species", lambda v: v is not None and not (
-        isinstance(v, tuple | list) and all(isinstance(x, str) for x in v)),
-     "species=False / 3: \"'bool' object is not subscriptable\"; a string 'Sr' is split "
-     "into 'S', 'r' (no type check)", (*_SERIES, {"pixel_size": 40.0, "species": False})),
-    ("frame_series", "cell_options", lambda v: v is not None and not (
-        isinstance(v, dict) and set(v) <= _UNIT_CELLS_KEYWORDS),
-     "cell_options=1: \"'int' object is not iterable\"; {'a': 1}: unit_cells' "
-     "'unexpected keyword argument' (does not name cell_options)",
-     (*_SERIES, {"pixel_size": 40.0, "cell_options": 1})),
-    ("frame_series", "min_cells", _count_not(-(2**70)),
-     "min_cells=None / nan: \"'<' not supported\", 'cannot convert float NaN'",
-     (*_SERIES, {"pixel_size": 40.0, "min_cells": None})),
 ]
 
 
