@@ -622,15 +622,15 @@ def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_nois
     in a window that grows with the probe width and the scan offsets.
     """
     n, h, w = frame
-    long_side = max(h, w)
+    long_side = max(h, w, 4)  # small frames get the bounds of a 4 px one
     pixel = check_real(pixel_size_pm, "pixel_size_pm", greater=0)
     sigma_pm = check_real(probe_sigma_pm, "probe_sigma_pm", greater=0)
     # The probe in px: narrower than 1e-3 px is point sampling (and 1 / sigma**2 overflows
     # near 1e-154); wider than a quarter of the frame (or 32 px) resolves no lattice.
-    sigma_max = min(_MAX_SCAN_PX, long_side / 4.0)
+    sigma_max = min(_MAX_SCAN_PX, max(4.0, long_side / 4.0))
     if not 1e-3 <= sigma_pm / pixel <= sigma_max:
         fail("probe_sigma_pm / pixel_size_pm", f"a probe width in px >= 0.001 and <= "
-             f"{sigma_max:g} (a quarter of the frame size, at most 32)",
+             f"{sigma_max:g} (a quarter of the frame size, at least 4, at most 32)",
              f"{sigma_pm!r} pm / {pixel!r} pm")
     # Beyond a frame per frame (drift) or a frame's size (jitter) consecutive frames share
     # nothing; the sample box, hence the column count, grows with them.
@@ -641,7 +641,7 @@ def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_nois
     if np.any(jit_sigma > long_side):
         fail("frame_jitter_px", f"a standard deviation >= 0 and <= the frame size "
              f"({long_side} px)", frame_jitter_px)
-    scan_max = min(_MAX_SCAN_PX, w / 4.0)  # line offsets: at most a quarter of a line
+    scan_max = min(_MAX_SCAN_PX, max(4.0, w / 4.0))  # about a quarter of a line at most
     vac = check_real(vacancies, "vacancies", minimum=0)
     if vac >= 1.0:
         fail("vacancies", "a fraction in [0, 1)", vacancies)

@@ -245,7 +245,9 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     mdl = with_contrast(mdl, contrast)
     check_estimator(estimator)
     check_choice(neighbours, "neighbours", _NEIGHBOURS)
-    check_int(max_iter, "max_iter", minimum=1)
+    # Levenberg-Marquardt converges in tens of steps; a larger cap only buys run time (and
+    # 2**63 overflows the engines' int32/int64 counters).
+    check_int(max_iter, "max_iter", minimum=1, maximum=10_000)
     _check_positive(tol, "tol")
     if counts_per_unit is not None:
         _check_positive(counts_per_unit, "counts_per_unit")
@@ -257,7 +259,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
 
         sigma = estimate_sigma(stack.mean(axis=0), contrast=contrast, backend=be)
     _check_positive(sigma, "sigma", "a positive number of pixels")
-    if window is None and default_window(sigma) > min(h, w):  # the window follows sigma
+    # The default window follows sigma: name sigma when it, not a tiny image, is too large.
+    if window is None and (sigma > max(h, w) or 5 <= min(h, w) < default_window(sigma)):
         fail("sigma", f"a positive number of pixels whose window 2 ceil(2.5 sigma) + 1 fits "
              f"the image ({h} x {w} px)", sigma)
     k = _check_window(window, sigma, h, w)
