@@ -25,12 +25,14 @@ brightest species (Sr in SrTiO3) above a constant background of ``background * d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._checks import check_choice, check_pair, check_real, fail
+from ._checks import check_choice, check_int, check_pair, check_real, fail
 from ._progress import progress_bar
 
 __all__ = ["Lattice", "Truth", "simulate_image", "simulate_stack"]
@@ -284,28 +286,56 @@ class Truth:
         )
 
 
+#: Largest stack, in pixels: 2**31 float32 values are 8 GiB, more than any simulated test
+#: stack needs, and the index arithmetic of the renderer stays within int64 by far.
+_MAX_PIXELS = 2**31
+#: Largest scan offset terms (line jitter, flyback lag), px: real ones are a fraction of a
+#: pixel to a few px, and the rendering window of every column grows with their square.
+_MAX_SCAN_PX = 32.0
+#: Largest dose and background (counts): no detector pixel counts 1e12 electrons, and
+#: Poisson draws fail near 1e19.
+_MAX_COUNTS = 1e12
+
+
+def _shape_error(shape):
+    fail("shape", f"(frames, rows, cols) or (rows, cols) of integers, at most {_MAX_PIXELS} "
+         "pixels in all, with every size >= 1", shape)
+
+
 def _check_shape(shape) -> tuple[int, int, int]:
-    try:
-        dims = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(
-            f"shape must be (frames, rows, cols) or (rows, cols); got {shape!r}"
-        ) from None
+    if isinstance(shape, str | bytes | dict) or not isinstance(shape, Iterable):
+        _shape_error(shape)
+    dims = []
+    for s in shape:
+        if isinstance(s, bool | np.bool_) or not isinstance(s, numbers.Real) \
+                or not math.isfinite(s) or s != int(s):
+            _shape_error(shape)
+        dims.append(int(s))
     if len(dims) == 2:
-        dims = (1, *dims)
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(
-            "shape must be (frames, rows, cols) or (rows, cols) with every size >= 1; "
-            f"got {shape!r}"
-        )
-    return dims  # type: ignore[return-value]
+        dims = [1, *dims]
+    if len(dims) != 3 or min(dims) < 1 or math.prod(dims) > _MAX_PIXELS:
+        _shape_error(shape)
+    return tuple(dims)  # type: ignore[return-value]
+
+
+def _as_float_array(value, name: str, accepted: str) -> np.ndarray:
+    """``value`` as a finite float array, or the project's message naming ``name``."""
+    if isinstance(value, str | bytes | dict):
+        fail(name, accepted, value)
+    try:
+        a = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        fail(name, accepted, value)
+    if not np.all(np.isfinite(a)):
+        fail(name, accepted, value)
+    return a
 
 
 def _check_distortion(distortion) -> np.ndarray:
     if distortion is None:
         return np.eye(2)
-    a = np.asarray(distortion, dtype=float)
-    if a.shape != (2, 2) or not np.all(np.isfinite(a)):
+    a = _as_float_array(distortion, "distortion", "a finite 2 x 2 matrix")
+    if a.shape != (2, 2):
         raise ValueError(f"distortion must be a finite 2 x 2 matrix; got {distortion!r}")
     if abs(np.linalg.det(a)) < 1e-6 or np.linalg.cond(a) > 1e6:
         raise ValueError(
@@ -343,7 +373,8 @@ def _evaluate_field(value, positions: np.ndarray, name: str, scale: float = 1.0)
                 f"got shape {out.shape}"
             )
         return out
-    arr = np.asarray(value, dtype=float)
+    arr = _as_float_array(value, name, "None, a finite (row, col) pair, a finite 2 x 2 "
+                          "displacement gradient or a callable")
     if arr.shape == (2,):
         return np.broadcast_to(arr * scale, positions.shape).copy()
     if arr.shape == (2, 2):
@@ -523,10 +554,14 @@ def simulate_stack(
                        background=background, read_noise=read_noise, drift_px=drift_px,
                        frame_jitter_px=frame_jitter_px, line_jitter_px=line_jitter_px,
                        flyback_px=flyback_px, flyback_decay_px=flyback_decay_px,
-                       vacancies=vacancies, contrast=contrast)
+                       vacancies=vacancies, contrast=contrast, frame=(n, h, w))
     a_mat = _check_distortion(distortion)
+    if not (seed is None or isinstance(seed, np.random.Generator)):
+        check_int(seed, "seed", minimum=0)
+    rotation_deg = check_real(rotation_deg, "rotation_deg")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     lat = _resolve_lattice(lattice, lattice_parameter_pm, o["contrast"])
+    _check_cell_size(lat, o["pixel"])
     scan = _scan_offsets(rng, n, h, o)
     theta = np.deg2rad(rotation_deg)
     rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
@@ -579,8 +614,34 @@ def simulate_stack(
 
 def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_noise, drift_px,
                    frame_jitter_px, line_jitter_px, flyback_px, flyback_decay_px,
-                   vacancies, contrast) -> dict:
-    """The scalar and pair options of :func:`simulate_stack`, checked and converted."""
+                   vacancies, contrast, frame) -> dict:
+    """The scalar and pair options of :func:`simulate_stack`, checked and converted.
+
+    The bounds keep the work of rendering in proportion to the frame: a probe, a drift or a
+    jitter larger than the frame records no image of the lattice, and each column is rendered
+    in a window that grows with the probe width and the scan offsets.
+    """
+    n, h, w = frame
+    long_side = max(h, w, 4)  # small frames get the bounds of a 4 px one
+    pixel = check_real(pixel_size_pm, "pixel_size_pm", greater=0)
+    sigma_pm = check_real(probe_sigma_pm, "probe_sigma_pm", greater=0)
+    # The probe in px: narrower than 1e-3 px is point sampling (and 1 / sigma**2 overflows
+    # near 1e-154); wider than a quarter of the frame (or 32 px) resolves no lattice.
+    sigma_max = min(_MAX_SCAN_PX, max(4.0, long_side / 4.0))
+    if not 1e-3 <= sigma_pm / pixel <= sigma_max:
+        fail("probe_sigma_pm / pixel_size_pm", f"a probe width in px >= 0.001 and <= "
+             f"{sigma_max:g} (a quarter of the frame size, at least 4, at most 32)",
+             f"{sigma_pm!r} pm / {pixel!r} pm")
+    # Beyond a frame per frame (drift) or a frame's size (jitter) consecutive frames share
+    # nothing; the sample box, hence the column count, grows with them.
+    drift = np.array(check_pair(drift_px, "drift_px"))
+    if np.any(np.abs(drift) > long_side):
+        fail("drift_px", f"at most the frame size ({long_side} px) per frame", drift_px)
+    jit_sigma = np.array(check_pair(frame_jitter_px, "frame_jitter_px", minimum=0))
+    if np.any(jit_sigma > long_side):
+        fail("frame_jitter_px", f"a standard deviation >= 0 and <= the frame size "
+             f"({long_side} px)", frame_jitter_px)
+    scan_max = min(_MAX_SCAN_PX, max(4.0, w / 4.0))  # about a quarter of a line at most
     vac = check_real(vacancies, "vacancies", minimum=0)
     if vac >= 1.0:
         fail("vacancies", "a fraction in [0, 1)", vacancies)
@@ -590,18 +651,35 @@ def _check_options(*, pixel_size_pm, probe_sigma_pm, dose, background, read_nois
              "of dose, above the deepest dip)", background)
     return {
         "contrast": contrast,
-        "pixel": check_real(pixel_size_pm, "pixel_size_pm", greater=0),
-        "sigma_pm": check_real(probe_sigma_pm, "probe_sigma_pm", greater=0),
-        "dose": None if dose is None else check_real(dose, "dose", greater=0),
-        "background": check_real(background, "background", minimum=0),
-        "read_noise": check_real(read_noise, "read_noise", minimum=0),
-        "line_sigma": check_real(line_jitter_px, "line_jitter_px", minimum=0),
-        "fly_b": check_real(flyback_px, "flyback_px"),
+        "pixel": pixel,
+        "sigma_pm": sigma_pm,
+        "dose": None if dose is None else _counts(check_real(dose, "dose", greater=0),
+                                                  "dose"),
+        "background": _counts(check_real(background, "background", minimum=0), "background"),
+        "read_noise": _counts(check_real(read_noise, "read_noise", minimum=0), "read_noise"),
+        "line_sigma": check_real(line_jitter_px, "line_jitter_px", minimum=0,
+                                 maximum=scan_max / 4.0),  # its largest draw is ~4 sigma
+        "fly_b": check_real(flyback_px, "flyback_px", minimum=-scan_max, maximum=scan_max),
         "fly_tau": check_real(flyback_decay_px, "flyback_decay_px", greater=0),
-        "drift": np.array(check_pair(drift_px, "drift_px")),
-        "jit_sigma": np.array(check_pair(frame_jitter_px, "frame_jitter_px", minimum=0)),
+        "drift": drift,
+        "jit_sigma": jit_sigma,
         "vacancies": vac,
     }
+
+
+def _counts(value: float, name: str) -> float:
+    if value > _MAX_COUNTS:
+        fail(name, f"at most {_MAX_COUNTS:g} counts", value)
+    return value
+
+
+def _check_cell_size(lat: Lattice, pixel: float) -> None:
+    """Cells of at least half a pixel: finer lattices are not resolved by the scan (Nyquist
+    needs two px per period) and the column count grows as the inverse square."""
+    a_pm = float(np.linalg.norm(lat.vectors_pm, axis=1).min())
+    if not a_pm >= 0.5 * pixel:
+        fail("lattice_parameter_pm / pixel_size_pm", "a lattice cell of at least 0.5 px",
+             f"{a_pm!r} pm / {pixel!r} pm")
 
 
 def _resolve_lattice(lattice, lattice_parameter_pm, contrast: str = "bright") -> Lattice:
@@ -611,7 +689,11 @@ def _resolve_lattice(lattice, lattice_parameter_pm, contrast: str = "bright") ->
     if isinstance(lattice, str) and lattice.lower() in _NAMED_A_PM:
         key = lattice.lower()
         a_pm = _NAMED_A_PM[key] if lattice_parameter_pm is None else lattice_parameter_pm
-        a_pm = check_real(a_pm, "lattice_parameter_pm", greater=0)
+        # 1e12 pm (1 m) is far beyond any field of view; below 1 pm, a thousandth of the
+        # shortest bond, the cell is refused here (the cell-size check follows).
+        a_pm = check_real(a_pm, "lattice_parameter_pm", greater=0, maximum=1e12)
+        if a_pm < 1.0:
+            fail("lattice_parameter_pm", "at least 1 pm", lattice_parameter_pm)
         if key == "srtio3":
             return Lattice.srtio3(a_pm, contrast=contrast)
         if key == "mos2":

@@ -69,7 +69,8 @@ def test_lattice_parameter_gate():
     good = unit_cells(sq, pixel_size=PX, lattice=390.5)
     assert good.parameters["gates"]["lattice_parameter"]["value"] < 1e-9
     with pytest.raises(AnalysisError, match=r"median sides 390.5 pm and 390.5 pm against "
-                       r"546.7 pm and 546.7 pm \(off by 28.6%, limit 15%\)"):
+                       r"546.7 pm and 546.7 pm of the lattice_parameter= / lattice= given "
+                       r"\(off by 28.6%, limit 15%\)"):
         unit_cells(sq, pixel_size=PX, lattice=546.7)
     same = unit_cells(sq, pixel_size=PX, lattice_parameter=390.5, lattice="perovskite")
     np.testing.assert_array_equal(same.reference, good.reference)

@@ -688,9 +688,10 @@ def track_columns_on(client, stack, positions, *, species=None, sigma=None, wind
     True
     """
 
+    from .._checks import check_batch_size
     from ..atoms import track as tr
 
-    # the checks of track_columns, in its order
+    check_batch_size(batch_frames, "batch_frames")
     start, species, fit_kw, gates = tr.prepare_tracking(
         stack, positions, species=species, sigma=sigma, window=window, estimator=estimator,
         model=model, engine=engine, backend=backend, jump_z=jump_z, fade_z=fade_z,

@@ -8,12 +8,13 @@ sign can be flipped here; the fit itself models dips, see :func:`stemgpu.fit_ato
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice
+from .._checks import check_choice, fail
 from .._inputs import as_image
 from ..backend import HostCopyMixin
 from .models import CONTRASTS
@@ -204,6 +205,11 @@ def estimate_sigma(image, *, contrast="bright", backend=None) -> float:
     return float(scales[i])
 
 
+def _real(value) -> bool:
+    """A real number (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, contrast="bright",
                backend=None):
     """Sub-pixel candidate column positions from a band-passed image.
@@ -270,14 +276,27 @@ def find_atoms(image, *, sigma=None, threshold=0.03, min_distance=None, contrast
     estimated = sigma is None
     if estimated:
         sigma = estimate_sigma(img, backend=be)
+    elif not _real(sigma):
+        fail("sigma", "a positive number of pixels", sigma)
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number of pixels; got {sigma!r}")
-    if not (0 < threshold < 1):
+    # The filters span ~4 sigma: a column wider than a quarter of the image side leaves no
+    # column to find, and the filter cost grows with sigma squared.
+    side = min(img.shape)
+    if not estimated and sigma > side / 4.0:
+        fail("sigma", f"a positive number of pixels <= {side / 4.0:g} (a quarter of the "
+             "smaller image side)", sigma)
+    if not (_real(threshold) and 0 < threshold < 1):
         raise ValueError(f"threshold must be a fraction in (0, 1); got {threshold!r}")
     if min_distance is None:
         min_distance = max(2, int(round(sigma)))
     if not (isinstance(min_distance, int | np.integer) and min_distance >= 1):
         raise ValueError(f"min_distance must be an integer >= 1 (px); got {min_distance!r}")
+    # Peaks further apart than the image is large are one peak: larger values only cost
+    # memory in the maximum filter.
+    if min_distance > max(img.shape):
+        fail("min_distance", f"an integer >= 1 and <= {max(img.shape)} (the image size, px)",
+             min_distance)
     nd = be.ndimage
     # Light smoothing then a white top-hat (image minus its grey opening): the local
     # background under faint columns between bright ones is removed, which a wide

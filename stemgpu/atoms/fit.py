@@ -8,12 +8,13 @@ each window's model, and reports positions with one-sigma errors from the Fisher
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, fail
 from .._inputs import as_image
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, to_host
@@ -115,7 +116,8 @@ def _check_positions(positions, n_frames):
 
 
 def _check_positive(value, name, what="a positive number"):
-    if not (np.isfinite(value) and value > 0):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) \
+            or not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be {what}; got {value!r}")
     return value
 
@@ -243,7 +245,9 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
     mdl = with_contrast(mdl, contrast)
     check_estimator(estimator)
     check_choice(neighbours, "neighbours", _NEIGHBOURS)
-    check_int(max_iter, "max_iter", minimum=1)
+    # Levenberg-Marquardt converges in tens of steps; a larger cap only buys run time (and
+    # 2**63 overflows the engines' int32/int64 counters).
+    check_int(max_iter, "max_iter", minimum=1, maximum=10_000)
     _check_positive(tol, "tol")
     if counts_per_unit is not None:
         _check_positive(counts_per_unit, "counts_per_unit")
@@ -255,6 +259,10 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
 
         sigma = estimate_sigma(stack.mean(axis=0), contrast=contrast, backend=be)
     _check_positive(sigma, "sigma", "a positive number of pixels")
+    # The default window follows sigma: name sigma when it, not a tiny image, is too large.
+    if window is None and (sigma > max(h, w) or 5 <= min(h, w) < default_window(sigma)):
+        fail("sigma", f"a positive number of pixels whose window 2 ceil(2.5 sigma) + 1 fits "
+             f"the image ({h} x {w} px)", sigma)
     k = _check_window(window, sigma, h, w)
     ref_nat = _reference_params(reference, pos, mdl, xp)
     fitter = make_engine(engine, be, stack, estimator=estimator, max_iter=max_iter, tol=tol)

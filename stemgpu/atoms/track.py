@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_int, check_real
+from .._checks import check_batch_size, check_int, check_real
 from ..backend import HostCopyMixin, to_host
 from .models import CONVERGED
 
@@ -498,6 +498,7 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     >>> tracks.positions.shape[:2], sorted(tracks.calibration)
     ((6, 36), ['O', 'Sr', 'TiO'])
     """
+    check_batch_size(batch_frames, "batch_frames")
     start, species, fit_kw, gates = prepare_tracking(
         stack, positions, species=species, sigma=sigma, window=window, estimator=estimator,
         model=model, engine=engine, backend=backend, jump_z=jump_z, fade_z=fade_z,

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_real
+from .._checks import check_choice, check_real, fail
 from .._inputs import resolve_pixel_size
 from ..backend import HostCopyMixin, resolve_backend, to_host
 from .gates import (
@@ -249,7 +249,13 @@ def _reference_from_lattice(lattice, pixel_size, lattice_parameter=None):
                 "pixel_size=) or (2, 2) lattice vectors in px"
             )
         return lattice, None
-    arr = np.asarray(lattice, dtype=np.float64)
+    try:
+        if isinstance(lattice, bytes | dict | complex):
+            raise TypeError
+        arr = np.asarray(lattice, dtype=np.float64)
+    except (TypeError, ValueError):
+        fail("lattice", "None, a lattice name, a lattice parameter in pm or (2, 2) lattice "
+             "vectors in px", lattice)
     if arr.shape == ():
         if pixel_size is None:
             raise ValueError(
@@ -491,6 +497,7 @@ def unit_cells(
     """
     be = resolve_backend(backend, positions)
     x, flagged = _as_positions(positions, nan_policy)
+    _check_numbers(intensities, "intensities")
     tolerances = _check_tolerances(angle_tolerance_deg, side_tolerance,
                                    parallelogram_tolerance, bsite_max_distance)
     px = resolve_pixel_size(pixel_size, None)
@@ -544,6 +551,23 @@ def unit_cells(
 
 
 # ----------------------------------------------------------------------------- passes
+
+def _check_numbers(value, name: str) -> None:
+    """None or an array of real numbers (strings, dicts and complex numbers refused)."""
+    if value is None:
+        return
+    accepted = "None or an (N,) array of numbers, one per position"
+    if isinstance(value, str | bytes | dict | complex):
+        fail(name, accepted, value)
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":
+            arr = arr.astype(np.float64)
+    except (TypeError, ValueError):
+        fail(name, accepted, value)
+    if arr.dtype.kind == "c":
+        fail(name, accepted, value)
+
 
 def _check_tolerances(angle_tolerance_deg, side_tolerance, parallelogram_tolerance,
                       bsite_max_distance) -> dict:

@@ -251,8 +251,8 @@ def check_lattice_parameter(sides, expected, *, tolerance: float, pixel_size=Non
         raise AnalysisError(
             f"the lattice found does not match the lattice given: median sides "
             f"{_pm(s[0], pixel_size)} and {_pm(s[1], pixel_size)} against "
-            f"{_pm(e[0], pixel_size)} and {_pm(e[1], pixel_size)} (off by {dev:.1%}, limit "
-            f"{tolerance:.0%}): {_CHECK}")
+            f"{_pm(e[0], pixel_size)} and {_pm(e[1], pixel_size)} of the lattice_parameter= / "
+            f"lattice= given (off by {dev:.1%}, limit {tolerance:.0%}): {_CHECK}")
     return record
 
 

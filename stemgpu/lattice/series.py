@@ -8,12 +8,15 @@ over the frames (a beam-induced change of the lattice), with its significance.
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .._checks import check_real
+from .._checks import check_real, fail
 from ..backend import HostCopyMixin
 
 __all__ = ["FrameSeries", "SeriesTrend", "frame_series", "linear_trend"]
@@ -118,6 +121,25 @@ def linear_trend(name, frames, values, errors, *, alpha=1e-3) -> SeriesTrend:
     return SeriesTrend(name, slope, slope_error, level, float(z), p, dof, bool(p < alpha))
 
 
+def _check_series_options(species, min_cells, cell_options, unit_cells) -> None:
+    """Types of frame_series' options, so that a wrong one is named (not NumPy's message)."""
+    if species is not None and not (
+            isinstance(species, tuple | list | np.ndarray) and 1 <= len(species) <= 2
+            and all(isinstance(x, str | np.str_) for x in species)):
+        fail("species", "None or 1 or 2 species labels (a_site, b_site), e.g. ('Sr', 'Ti')",
+             species)
+    if isinstance(min_cells, bool | np.bool_) or not isinstance(min_cells, numbers.Real) \
+            or not math.isfinite(min_cells) or min_cells != int(min_cells):
+        fail("min_cells", "an integer", min_cells)
+    if cell_options is not None:
+        # frame_series passes the positions, species and pixel size itself
+        allowed = set(inspect.signature(unit_cells).parameters) - {
+            "positions", "species", "pixel_size"}
+        if not isinstance(cell_options, dict) or not set(cell_options) <= allowed:
+            fail("cell_options", "None or a dict of unit_cells options (" +
+                 ", ".join(sorted(allowed)) + ")", cell_options)
+
+
 def frame_series(tracks, *, pixel_size, species=None, min_cells=4, alpha=1e-3,
                  cell_options=None) -> FrameSeries:
     """Unit cells of every frame of a tracked stack, as time series with drift tests.
@@ -168,6 +190,7 @@ def frame_series(tracks, *, pixel_size, species=None, min_cells=4, alpha=1e-3,
 
     px = check_real(pixel_size, "pixel_size", greater=0)
     check_real(alpha, "alpha", greater=0, maximum=0.5)
+    _check_series_options(species, min_cells, cell_options, unit_cells)
     positions = np.asarray(tracks.positions, dtype=float)
     labels = np.asarray(tracks.species).astype(str)
     flags = np.asarray(getattr(tracks, "column_flags", np.zeros(len(labels))))
