@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stemgpu.registration import _dft
-from stemgpu.registration._rigid_passes import solve_pairs as _solve_pairs
+from stemgpu.registration.passes import solve_pairs as _solve_pairs
 from stemgpu.registration.rigid import RigidResult, apply_shifts, register_rigid
 from stemgpu.synthetic import simulate_stack
 
@@ -461,7 +461,7 @@ def test_apply_shifts_bad_inputs(small):
 
 def _plan(stack, batch_size, ref_index=None):
     from stemgpu.backend import resolve_backend
-    from stemgpu.registration import _rigid_passes as passes
+    from stemgpu.registration import passes as passes
 
     n, h, w = stack.shape
     return passes.Plan(be=resolve_backend("numpy"), shape=(n, h, w), ref_index=ref_index,
@@ -472,14 +472,14 @@ def _plan(stack, batch_size, ref_index=None):
 
 def test_passes_run_alone_and_do_not_depend_on_the_batching(small):
     """Each pass needs only the plan, a frame source and what earlier passes returned."""
-    from stemgpu.registration import _rigid_passes as passes
-    from stemgpu.registration.rigid import _Source
+    from stemgpu.registration import passes as passes
+    from stemgpu.registration.rigid import FrameSource as RigidSource
 
     stack, truth = small
     out = {}
     for bsize in (3, 8):
         plan = _plan(stack, bsize)
-        src = _Source(FrameSource(stack), "numpy", None)  # streamed: nothing cached
+        src = RigidSource(FrameSource(stack), "numpy", None)  # streamed: nothing cached
         spectra = passes.Spectra(plan, cache=False)
         chain, quality, total = passes.frame_to_frame(plan, src, spectra)
         loo = passes.to_leave_one_out_mean(plan, src, spectra, chain, quality, total, 1)[0]

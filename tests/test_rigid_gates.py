@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import stemgpu
-from stemgpu.registration import _rigid_gates as gates
 from stemgpu.registration import apply_shifts, drift_report, register_demons, register_rigid
+from stemgpu.registration import gates as gates
 from stemgpu.registration import warp as demons_warp
 from stemgpu.registration._dft import hann_window
 

@@ -300,7 +300,7 @@ def _is_large(obj) -> bool:
 
 # --------------------------------------------------------------------------- rigid registration
 #
-# The passes of stemgpu.registration._rigid_passes, with each batch a task. A task gets the
+# The passes of stemgpu.registration.passes, with each batch a task. A task gets the
 # shared context (the plan without its backend, and the picklable source or nothing), its
 # frame range and what earlier passes produced (host shifts, the summed spectra), and
 # returns host arrays; the client merges them in batch order, exactly as the in-process
@@ -334,19 +334,19 @@ class _RigidContext:
             col_weights=be.asarray(_aligned(p.col_weights)))
 
     def frames(self, plan, start, stop, data):
-        """Frames ``start:stop`` on the worker's backend, read as ``rigid._Source`` does."""
+        """Frames ``start:stop`` on the worker's backend, read as ``rigid.FrameSource`` does."""
         from types import SimpleNamespace
 
-        from ..registration.rigid import _Source
+        from ..registration.rigid import FrameSource
 
         if self.source is None:
             return plan.be.asarray(data)
         reader = SimpleNamespace(lazy=True, data=self.source, dtype=self.dtype, be=plan.be)
-        return _Source.read(reader, start, stop)
+        return FrameSource.read(reader, start, stop)
 
 
 def _rigid_spectra(ctx, item):
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
 
     plan = ctx.worker_plan()
     start, stop, data = item[:3]
@@ -355,13 +355,13 @@ def _rigid_spectra(ctx, item):
 
 def _task_steps(item, ctx):
     """Frame-to-previous steps of frames ``start:stop`` (reads frame ``start - 1`` too)."""
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
 
     plan, spectra, frames = _rigid_spectra(ctx, item)
     first = item[3]  # frames[0] is frame start - 1 unless this is the first batch
     spec, _ = spectra.get(None, frames)
     prev, spec = (None, spec) if first else (spec[:1], spec[1:])
-    return passes._frame_steps(plan, prev, spec)
+    return passes.frame_steps(plan, prev, spec)
 
 
 def _task_shifted_sum(item, ctx):
@@ -371,28 +371,28 @@ def _task_shifted_sum(item, ctx):
 
 
 def _task_leave_one_out(item, ctx, total):
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
 
     plan, spectra, frames = _rigid_spectra(ctx, item)
     spec, _ = spectra.get(None, frames)
     shifts = item[3]
-    loo = passes._leave_one_out(plan, plan.be.asarray(total), spec, shifts)
-    new, quality, at_limit = passes._near(plan, loo, spec, shifts, plan.limit)
+    loo = passes.leave_one_out(plan, plan.be.asarray(total), spec, shifts)
+    new, quality, at_limit = passes.near_peaks(plan, loo, spec, shifts, plan.limit)
     return new, quality, at_limit, plan.be.to_numpy(spectra.shifted_sum(spec, new))
 
 
 def _task_to_frame(item, ctx, ref_frame):
-    from ..registration import _dft
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
+
 
     plan, spectra, frames = _rigid_spectra(ctx, item)
     spec, _ = spectra.get(None, frames)
-    ref_spec = _dft.prepare_spectra(plan.be, plan.be.asarray(ref_frame), plan.window)[0]
-    return passes._near(plan, ref_spec, spec, item[3], plan.limit)
+    ref_spec = passes.prepare_spectra(plan.be, plan.be.asarray(ref_frame), plan.window)[0]
+    return passes.near_peaks(plan, ref_spec, spec, item[3], plan.limit)
 
 
 def _task_write(item, ctx, order, keep):
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
 
     plan, _, frames = _rigid_spectra(ctx, item)
     be, xp = plan.be, plan.be.xp
@@ -451,8 +451,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     import numpy as np
 
     from .._checks import check_choice, check_int, check_pair, fail
-    from ..registration import _dft
-    from ..registration import _rigid_passes as passes
+    from ..registration import passes
     from ..registration import rigid as rg
 
     options = _check_rigid_options(options)
@@ -465,30 +464,30 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
     order = options.get("order", "fourier")
     band = options.get("band")
 
-    src = rg._Source(stack, backend, pixel_size)
+    src = rg.FrameSource(stack, backend, pixel_size)
     be = src.be
     n, h, w = src.shape
     # the checks and the plan of register_rigid, in its order
-    ref_index = rg._check_reference(reference, n)
+    ref_index = rg.check_reference(reference, n)
     upsample = check_int(upsample, "upsample", minimum=1, maximum=rg.MAX_UPSAMPLE)
-    check_choice(window, "window", rg._WINDOWS)
-    check_choice(normalization, "normalization", rg._NORMALIZATIONS)
+    check_choice(window, "window", rg.WINDOWS)
+    check_choice(normalization, "normalization", rg.NORMALIZATIONS)
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
     band = None if band is None else check_int(band, "band", minimum=1)
     iterations = check_int(iterations, "iterations", minimum=0, maximum=100)
-    order = check_choice(order, "order", rg._ORDERS)
+    order = check_choice(order, "order", rg.ORDERS)
     keep_registered = options.get("keep_registered", True)
     if not isinstance(keep_registered, bool):
         fail("keep_registered", "True or False", keep_registered)
     plan = passes.Plan(
         be=be, shape=(n, h, w), ref_index=ref_index, upsample=upsample,
         normalization=normalization, limit=limit, polish=False, progress=progress,
-        batch_size=be.frames_per_batch(src.shape, rg._BYTES_PER_PIXEL,
+        batch_size=be.frames_per_batch(src.shape, rg.BYTES_PER_PIXEL,
                                        batch_size=options.get("batch_size", "auto"),
                                        gpu_fraction=0.25, cpu_fraction=0.125,
                                        cpu_cap=256 * 2**20, max_frames=64),
-        window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
-        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=rg._fft_scale(src))
+        window=passes.hann_window(be.xp, (h, w)) if window == "hann" else None,
+        col_weights=passes.half_spectrum_weights(be.xp, w), scale=rg.fft_scale(src))
     bsize = plan.batch_size
     ranges = [(s, min(n, s + bsize)) for s in range(0, n, bsize)]
     ctx = _RigidContext(plan, picklable_source(src.data) if src.lazy else None, src.dtype)
@@ -538,7 +537,7 @@ def register_rigid_on(client, stack, *, pixel_size=None, backend=None, progress=
             shifts, total = passes.recentre(plan, new, _ordered_sum(be, [o[3] for o in out]))
     # The quality gates of register_rigid, on the client (host arrays of n numbers); the
     # chain repair and the second round without unrelated frames run in process only.
-    from ..registration import _rigid_gates as gates
+    from ..registration import gates
 
     host_window = None if plan.window is None else be.to_numpy(plan.window)
     shifts, reasons, corrected = gates.judge(
@@ -698,4 +697,4 @@ def track_columns_on(client, stack, positions, *, species=None, sigma=None, wind
         fade_fraction=fade_fraction, erratic_p=erratic_p, frame_z=frame_z,
         fail_fraction=fail_fraction, level=level)
     fit = _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw)
-    return tr._assess(fit, species, gates)
+    return tr.assess_tracks(fit, species, gates)

@@ -32,6 +32,7 @@ __all__ = [
     "COLUMN_FLAGS",
     "CalibrationRatio",
     "ColumnTracks",
+    "assess_tracks",
     "calibration_ratios",
     "column_outliers",
     "frame_motion",
@@ -505,7 +506,7 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
         fade_fraction=fade_fraction, erratic_p=erratic_p, frame_z=frame_z,
         fail_fraction=fail_fraction, level=level)
     fit = _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw)
-    return _assess(fit, species, gates)
+    return assess_tracks(fit, species, gates)
 
 
 def prepare_tracking(stack, positions, *, species, sigma, window, estimator, model, engine,
@@ -612,7 +613,7 @@ def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
     return dataclasses.replace(parts[0], parameters=params, **merged)
 
 
-def _assess(fit, species, gates) -> ColumnTracks:
+def assess_tracks(fit, species, gates) -> ColumnTracks:
     """The passes after the batched fit: motion, outliers, calibration, frame gates."""
     pos, err = fit.positions, fit.position_errors
     amp, amp_err = fit.param("amplitude"), fit.param_errors[..., fit.param_names.index(

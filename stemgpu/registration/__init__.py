@@ -1,7 +1,7 @@
 """Registration of image stacks: rigid shifts, drift versus jitter, and demons warping.
 
 The stage runs io -> registration -> atoms: :func:`register_rigid` measures and removes the
-frame offsets (its passes are in ``_rigid_passes``), :func:`drift_report` splits the offsets
+frame offsets (its passes are in ``passes``), :func:`drift_report` splits the offsets
 into a smooth drift and the jitter, and :func:`register_demons` removes the distortions left
 inside each frame. :func:`apply_shifts` and :func:`warp` apply given shifts or fields.
 

@@ -7,7 +7,7 @@ transfer per batch. Stacks that are not in memory (``h5py.Dataset``, ``np.memmap
 object with ``.shape``, ``.dtype`` and frame slicing) are streamed in batches.
 
 :func:`register_rigid` validates its options into a ``Plan`` and runs the named passes of
-``_rigid_passes`` over the batches (frame-to-frame, then pairs, a reference frame or the
+``passes`` over the batches (frame-to-frame, then pairs, a reference frame or the
 leave-one-out mean, an optional polish, and the write); :func:`apply_shifts` is the public
 "shift these frames" call the passes' writer also uses.
 """
@@ -26,21 +26,21 @@ from .._inputs import as_stack, is_frame_source, resolve_pixel_size
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array, resolve_backend
 from . import _dft
-from . import _rigid_gates as _gates
-from . import _rigid_passes as _passes
-from ._rigid_passes import shift_batch as _shift
+from . import gates as _gates
+from . import passes as _passes
+from .passes import shift_batch as _shift
 
 __all__ = ["RigidResult", "apply_shifts", "register_rigid", "valid_region"]
 
-_ORDERS = ("fourier", "spline")
+ORDERS = ("fourier", "spline")
 _MODES = ("reference", "pairs")
-_WINDOWS = ("hann", None)
-_NORMALIZATIONS = (None, "phase")
+WINDOWS = ("hann", None)
+NORMALIZATIONS = (None, "phase")
 #: Finest sub-pixel refinement: 1/1000 px is far below any measured precision, and the
 #: refinement grid grows with the factor (10**6 asked for 596 GiB).
 MAX_UPSAMPLE = 1000
 #: Working memory per frame pixel of a batch: frame, spectra, correlation, padding.
-_BYTES_PER_PIXEL = 48
+BYTES_PER_PIXEL = 48
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class RigidResult(HostCopyMixin):
     flagged : (n,) bool array
         Frames whose registration is doubtful (``flag_reasons`` says why): a correlation
         peak not above noise (fewer than 8 noise standard deviations, see
-        ``_rigid_gates``) or below half the median quality, no significant link to the
+        ``gates``) or below half the median quality, no significant link to the
         other frames, a shift at or beyond ``max_shift`` or a coarse peak on the edge of the
         search, (pairs mode) fewer than half of the frame's pair measurements consistent
         with the solution, or a shift far off the drift of the other frames that no
@@ -112,7 +112,7 @@ def _check_frame_shapes(stack):
                 + ", ".join(f"frame {k} is {shapes[k]}" for k in odd[:5]))
 
 
-class _Source:
+class FrameSource:
     """Frames of an in-memory (backend) array or a lazy frame source, read in batches."""
 
     def __init__(self, stack, backend, pixel_size):
@@ -215,7 +215,7 @@ def apply_shifts(stack, shifts, *, order="fourier", backend=None):
     >>> [tuple(int(i) for i in np.unravel_index(f.argmax(), f.shape)) for f in out]
     [(16, 16), (18, 13)]
     """
-    order = check_choice(order, "order", _ORDERS)
+    order = check_choice(order, "order", ORDERS)
     cal = as_stack(stack, name="stack", min_frames=1, backend=backend)
     be = cal.backend
     try:
@@ -385,19 +385,19 @@ def register_rigid(
     >>> res.registered.shape, res.mean.shape
     ((4, 96, 96), (96, 96))
     """
-    src = _Source(stack, backend, pixel_size)
+    src = FrameSource(stack, backend, pixel_size)
     be = src.be
     n, h, w = src.shape
-    ref_index = _check_reference(reference, n)
+    ref_index = check_reference(reference, n)
     upsample = check_int(upsample, "upsample", minimum=1, maximum=MAX_UPSAMPLE)
-    check_choice(window, "window", _WINDOWS)
-    check_choice(normalization, "normalization", _NORMALIZATIONS)
+    check_choice(window, "window", WINDOWS)
+    check_choice(normalization, "normalization", NORMALIZATIONS)
     limit = None if max_shift is None else check_pair(max_shift, "max_shift", greater=0)
     check_choice(mode, "mode", _MODES)
     band = None if band is None else check_int(band, "band", minimum=1)
     # Polish converges in a few rounds (each re-registers every frame): 100 is generous.
     iterations = check_int(iterations, "iterations", minimum=0, maximum=100)
-    order = check_choice(order, "order", _ORDERS)
+    order = check_choice(order, "order", ORDERS)
     check_bool(keep_registered, "keep_registered")
     check_bool(progress, "progress")
     if not isinstance(polish, bool):
@@ -406,11 +406,11 @@ def register_rigid(
     plan = _passes.Plan(
         be=be, shape=(n, h, w), ref_index=ref_index, upsample=upsample,
         normalization=normalization, limit=limit, polish=polish, progress=progress,
-        batch_size=be.frames_per_batch(src.shape, _BYTES_PER_PIXEL, batch_size=batch_size,
+        batch_size=be.frames_per_batch(src.shape, BYTES_PER_PIXEL, batch_size=batch_size,
                                        gpu_fraction=0.25, cpu_fraction=0.125,
                                        cpu_cap=256 * 2**20, max_frames=64),
         window=_dft.hann_window(be.xp, (h, w)) if window == "hann" else None,
-        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=_fft_scale(src))
+        col_weights=_dft.half_spectrum_weights(be.xp, w), scale=fft_scale(src))
     # In-memory stacks keep their spectra between passes when they fit comfortably.
     spec_bytes = 2 * n * h * (w // 2 + 1) * 8
     spectra = _passes.Spectra(plan, cache=not src.lazy and spec_bytes < be.free_memory() // 4)
@@ -466,7 +466,7 @@ def register_rigid(
     )
 
 
-def _fft_scale(src):
+def fft_scale(src):
     """Power of two bringing the largest pixel magnitude near 1 when it is outside
     [2**-40, 2**40] (complex64 spectra of 1e30 counts overflow); 1 otherwise. Read from the
     whole stack in memory, from the first frame of a streamed one."""
@@ -477,7 +477,7 @@ def _fft_scale(src):
     return 2.0 ** -round(math.log2(m))
 
 
-def _check_reference(reference, n):
+def check_reference(reference, n):
     """Frame index in [0, n) of an integer ``reference``; None for ``"mean"``."""
     accepted = f"a frame index in [{-n}, {n - 1}] or 'mean'"
     if isinstance(reference, str):

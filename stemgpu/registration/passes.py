@@ -4,12 +4,12 @@
 then runs these passes in order: :func:`frame_to_frame` (the first estimate and the first
 mean), one of :func:`pairs`, :func:`to_frame` or :func:`to_leave_one_out_mean`, optionally
 :func:`polish`, and :func:`write_registered`. Each pass is a loop over batches around a
-per-batch function (``_frame_steps``, ``_pair_batch``, ``_near``, ``_leave_one_out``,
+per-batch function (``frame_steps``, ``_pair_batch``, ``near_peaks``, ``leave_one_out``,
 ``_polish_step``) that takes a batch's spectra and what earlier passes produced (host shifts,
 the summed spectra) and returns host arrays, so a batch could be computed anywhere.
 
 A pass reads frames through a source with ``shape``, ``dtype``, ``lazy``, ``read(start,
-stop)`` and ``batches(batch_size, desc, progress)`` (``rigid._Source``) and their spectra
+stop)`` and ``batches(batch_size, desc, progress)`` (``rigid.FrameSource``) and their spectra
 through :class:`Spectra`, which caches them between passes when they fit in memory.
 """
 
@@ -23,8 +23,9 @@ import numpy as np
 
 from ..backend import Backend, is_cupy_array
 from . import _dft
+from ._dft import half_spectrum_weights, hann_window, prepare_spectra
 
-__all__ = [
+__all__ = ["half_spectrum_weights", "hann_window", "prepare_spectra",
     "Plan",
     "Spectra",
     "frame_to_frame",
@@ -146,7 +147,7 @@ def recentre(plan: Plan, raw, total, keep=None):
 # --------------------------------------------------------------------------- first estimate
 
 
-def _frame_steps(plan: Plan, prev, spec):
+def frame_steps(plan: Plan, prev, spec):
     """Shift (B, 2) of each frame of a batch relative to the frame before it, and quality.
 
     ``prev`` holds the spectrum (1, H, Wh) of the frame before the batch (None for the first
@@ -183,7 +184,7 @@ def frame_to_frame(plan: Plan, src, spectra: Spectra):
     total, prev, running = None, None, np.zeros(2)
     for start, stop, frames in src.batches(plan.batch_size, "frame-to-frame", plan.progress):
         spec, _ = spectra.get(start, frames)
-        step, quality[start:stop] = _frame_steps(plan, prev, spec)
+        step, quality[start:stop] = frame_steps(plan, prev, spec)
         shifts[start:stop] = running + np.cumsum(step, axis=0)
         running = shifts[stop - 1].copy()
         total = _add(total, spectra.shifted_sum(spec, shifts[start:stop]))
@@ -220,7 +221,7 @@ def measure_pair(plan: Plan, src, i, j):
 # --------------------------------------------------------------------------- refinement
 
 
-def _near(plan: Plan, ref, mov, centres, max_shift):
+def near_peaks(plan: Plan, ref, mov, centres, max_shift):
     """Shifts, quality and at-limit flags (host) searched near host ``centres`` (B, 2)."""
     be = plan.be
     d, q, lim = plan.correlate(ref, mov, max_shift=max_shift, centres=be.asarray(centres),
@@ -239,12 +240,12 @@ def to_frame(plan: Plan, src, spectra: Spectra, centres):
     shifts, quality, at_limit = np.zeros((n, 2)), np.zeros(n, np.float32), np.zeros(n, bool)
     for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):
         spec, _ = spectra.get(start, frames)
-        shifts[start:stop], quality[start:stop], at_limit[start:stop] = _near(
+        shifts[start:stop], quality[start:stop], at_limit[start:stop] = near_peaks(
             plan, ref_spec, spec, centres[start:stop], plan.limit)
     return shifts, quality, at_limit
 
 
-def _leave_one_out(plan: Plan, total, spec, shifts, keep=None):
+def leave_one_out(plan: Plan, total, spec, shifts, keep=None):
     """Spectra (B, H, Wh) of the mean of the other frames, from the summed spectra.
 
     With ``keep`` (host bool (B,) for the batch, ``count`` kept frames in all) ``total``
@@ -277,8 +278,8 @@ def to_leave_one_out_mean(plan: Plan, src, spectra: Spectra, shifts, quality, to
         for start, stop, frames in src.batches(plan.batch_size, "register", plan.progress):
             spec, _ = spectra.get(start, frames)
             part = None if keep is None else (keep[start:stop], count)
-            loo = _leave_one_out(plan, total, spec, shifts[start:stop], part)
-            new[start:stop], quality[start:stop], at_limit[start:stop] = _near(
+            loo = leave_one_out(plan, total, spec, shifts[start:stop], part)
+            new[start:stop], quality[start:stop], at_limit[start:stop] = near_peaks(
                 plan, loo, spec, shifts[start:stop], plan.limit)
             kept = spec if keep is None else spec * plan.be.asarray(
                 keep[start:stop].astype(np.float32))[:, None, None]
@@ -309,7 +310,7 @@ def _pair_batch(plan: Plan, ctx, first, ii, jj, chain):
         sl = slice(p0, p0 + plan.batch_size)
         ref = ctx[xp.asarray(ii[sl] - first)]
         mov = ctx[xp.asarray(jj[sl] - first)]
-        d, q, lim = _near(plan, ref, mov, chain[jj[sl]] - chain[ii[sl]], plan.pair_limit)
+        d, q, lim = near_peaks(plan, ref, mov, chain[jj[sl]] - chain[ii[sl]], plan.pair_limit)
         ds.append(d)
         qs.append(q)
         lims.append(lim)
