@@ -153,6 +153,14 @@ class ColumnTracks(HostCopyMixin):
 # ----------------------------------------------------------------------------- passes
 
 
+def _weights(errors, usable):
+    """Inverse-variance weights of the usable entries; 0 elsewhere and where an error is
+    zero or not finite (such an entry carries no weight rather than all of it)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(usable, 1.0 / np.square(errors), 0.0)
+    return np.where(np.isfinite(w), w, 0.0)
+
+
 def frame_motion(positions, errors, usable):
     """Common displacement of all usable columns in each frame (inverse-variance weighted).
 
@@ -179,8 +187,7 @@ def frame_motion(positions, errors, usable):
     >>> bool(abs(m[3, 0] - 0.16) < 0.01), bool(abs(m[0, 0] + 0.04) < 0.01)
     (True, True)
     """
-    w = np.where(usable[..., None], 1.0 / np.square(errors), 0.0)
-    w = np.where(np.isfinite(w), w, 0.0)
+    w = _weights(errors, usable[..., None])
     x = np.where(usable[..., None], positions, 0.0)
     col_mean = (w * x).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-300)
     dev = np.where(usable[..., None], x - col_mean[None], 0.0)
@@ -232,6 +239,8 @@ def calibration_ratios(positions, errors, usable, species, *, level=0.6827):
     from scipy.stats import chi2
 
     species = np.asarray(species).astype(str)
+    # Not _weights: a zero error bar among the usable entries must make the ratio infinite
+    # (a claim of infinite precision the frames contradict), not drop out of it.
     w = np.where(usable[..., None], 1.0 / np.square(errors), 0.0)
     x = np.where(usable[..., None], positions, 0.0)
     n_f = usable.sum(axis=0)
@@ -266,8 +275,7 @@ def _best_step(values, errors, usable):
     ``values``, ``errors``: (F, N, D). Returns the z of the best split (combined over D),
     the split frame and the relative change of the first component (after / before - 1).
     """
-    w = np.where(usable[..., None], 1.0 / np.square(errors), 0.0)
-    w = np.where(np.isfinite(w), w, 0.0)
+    w = _weights(errors, usable[..., None])
     x = np.where(usable[..., None], values, 0.0)
     cw = np.cumsum(w, axis=0)
     cx = np.cumsum(w * x, axis=0)
@@ -290,8 +298,7 @@ def _scatter_tail(positions, errors, usable):
     """Chi-square tail probability of each column's scatter about its weighted mean."""
     from scipy.stats import chi2
 
-    w = np.where(usable[..., None], 1.0 / np.square(errors), 0.0)
-    w = np.where(np.isfinite(w), w, 0.0)
+    w = _weights(errors, usable[..., None])
     x = np.where(usable[..., None], positions, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         xbar = (w * x).sum(axis=0) / w.sum(axis=0)
@@ -366,8 +373,7 @@ def column_outliers(positions, errors, amplitudes, amplitude_errors, fitted, *,
     za, ta, rel = _best_step(amplitudes[..., None], amp_err[..., None], fitted)
     # Linear trend of the amplitude against frame index, inverse-variance weighted.
     fr = np.arange(f_n, dtype=float)[:, None]
-    w = np.where(fitted, 1.0 / np.square(amp_err), 0.0)
-    w = np.where(np.isfinite(w), w, 0.0)
+    w = _weights(amp_err, fitted)
     a = np.where(fitted, amplitudes, 0.0)
     sw, swx, swy = w.sum(0), (w * fr).sum(0), (w * a).sum(0)
     swxx, swxy = (w * fr * fr).sum(0), (w * fr * a).sum(0)
@@ -638,7 +644,7 @@ def assess_tracks(fit, species, gates) -> ColumnTracks:
                                                     level=gates["level"])
     frame_flagged, frame_reasons = _frame_gates(motion, motion_err, fitted, good_cols,
                                                 gates["frame_z"], gates["fail_fraction"])
-    w = np.where(usable[..., None], 1.0 / np.square(err), 0.0)
+    w = _weights(err, usable[..., None])
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_pos = (w * np.where(usable[..., None], moved, 0.0)).sum(0) / w.sum(0)
     return ColumnTracks(
