@@ -13,8 +13,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_exports
 from .backend import (
     Backend,
     BackendUnavailableError,
@@ -71,14 +70,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'stemgpu' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

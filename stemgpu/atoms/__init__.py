@@ -29,7 +29,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 # Public name -> submodule that defines it.
 _LAZY = {
@@ -67,14 +67,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'stemgpu.atoms' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -17,7 +17,7 @@ Examples
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 # Public name -> module that defines it; resolved lazily by __getattr__ below.
 _LAZY = {
@@ -40,14 +40,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'stemgpu.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
