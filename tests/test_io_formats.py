@@ -5,8 +5,13 @@ Which writer made each file:
 - HSPY, EMD (Berkeley/NCEM) and plain TIFF: RosettaSciIO's own writers;
 - DM3 and DM4: Nion Swift's DigitalMicrograph exporter (``nionswift-io``), and the reference
   DM3/DM4 files that ``nionswift-io`` ships with its tests;
-- TIA ``.ser`` and Velox EMD: no writer exists in RosettaSciIO and no example file ships in any
-  installed package, so those tests look for files and skip with the reason when none exist.
+- TIA ``.ser``/``.emi`` and Velox EMD: real instrument files, the examples HyperSpy 1.7.6
+  published in its wheel, fetched from the package index into a cache outside the repository by
+  ``python tests/instrument_files.py`` (the tests skip, naming that command, without them), and
+  checked against openNCEM's independent readers (``ncempy``); a TIA image of a simulated scene
+  is written by ``tests/tia_files.py`` (no TIA writer exists on the index), checked by both
+  readers first, and analysed by ``stemgpu run``;
+- a DM4 stack of a simulated scene: Nion Swift's exporter, analysed by ``stemgpu run``.
 """
 
 from __future__ import annotations
@@ -147,19 +152,180 @@ def test_dm_reference_files_shipped_with_nionswift_io():
         assert ds.metadata["pixel_size_source"] == "pixel_size="
 
 
-@pytest.mark.parametrize("pattern, what", [("*.ser", "TIA .ser"), ("*.emd", "Velox EMD")])
-def test_real_instrument_files_if_installed(pattern, what):
-    files = _installed(pattern)
-    if not files:
-        pytest.skip(f"no {what} example file in any installed package (RosettaSciIO ships its "
-                    "test data only in its source repository, and has no writer for it)")
+# ---------------------------------------------------------------- real TIA and Velox files
+
+
+@pytest.fixture(scope="module")
+def hyperspy_io():
+    import instrument_files
+
+    root = instrument_files.hyperspy_io()
+    if root is None:
+        pytest.skip("the TIA / Velox example files are not fetched: run "
+                    "`python tests/instrument_files.py` (HyperSpy 1.7.6's wheel, from the index)")
+    return root
+
+
+def _ncem_ser(path, scratch):
+    """openNCEM's reading of a .ser: (is an image series, data, pixel m, origin (y, x) m).
+
+    Read from a copy without its .emi: openNCEM's .emi parser fails on some of these files,
+    and the values and calibration are all in the .ser.
+    """
+    import shutil
+
+    ser = pytest.importorskip("ncempy.io.ser", reason="ncempy (openNCEM) is not installed")
+    path = shutil.copy(path, scratch)
+    with ser.fileSER(path) as f:
+        images = f.head["DataTypeID"] == 0x4122
+    if not images:
+        return False, None, None, None
+    d = ser.serReader(path)
+    return True, d["data"], float(d["pixelSize"][0]), (d["pixelOrigin"][1], d["pixelOrigin"][0])
+
+
+def test_real_tia_files_match_an_independent_reader(hyperspy_io, tmp_path):
+    """Every TIA series HyperSpy published: values, pixel size and origin as openNCEM reads
+    them; spectra and diffraction patterns refused with the reason."""
+    files = sorted(glob.glob(str(hyperspy_io / "FEI_*" / "*.ser")))
+    assert len(files) >= 20
+    kinds = {"image": 0, "spectra": 0, "diffraction": 0}
     for path in files:
-        try:
-            ds = stemgpu.open(path)
-        except formats.FormatError as exc:  # e.g. spectra only: must say so, not crash
-            assert "no image or image stack" in str(exc) or "could not read" in str(exc)
+        is_image, data, pixel_m, origin_m = _ncem_ser(path, tmp_path)
+        if not is_image:
+            with pytest.raises(formats.FormatError, match="no image or image stack"):
+                stemgpu.open(path)
+            kinds["spectra"] += 1
             continue
-        assert ds.metadata["pixel_size_pm"] > 0
+        if pixel_m > 1e-3:  # diffraction: TIA's 1/m calibration read without units
+            # (a 4-D scan of patterns is no image at all; a single pattern is refused by size)
+            with pytest.raises(formats.FormatError,
+                               match="not a real-space pixel|no image or image stack"):
+                stemgpu.open(path)
+            kinds["diffraction"] += 1
+            continue
+        ds = stemgpu.open(path, lazy=False)
+        np.testing.assert_array_equal(np.asarray(ds.compute()), data)
+        assert ds.metadata["pixel_size_pm"] == pytest.approx(pixel_m * 1e12, rel=1e-12)
+        y, x = (ds._axes[i] for i in range(ds.ndim - 2, ds.ndim))
+        assert (y.units, x.units) == ("nm", "nm")
+        assert y.values[0] == pytest.approx(origin_m[0] * 1e9, rel=1e-9, abs=1e-12)
+        assert x.values[0] == pytest.approx(origin_m[1] * 1e9, rel=1e-9, abs=1e-12)
+        assert ds.metadata["source"]["format"] == "rsciio-tia"
+        kinds["image"] += 1
+    assert kinds["image"] >= 10 and kinds["spectra"] >= 5 and kinds["diffraction"] >= 2
+
+
+def test_real_tia_emi_metadata(hyperspy_io):
+    """Through the .emi: the acquisition date, the frame time of a STEM series, and a
+    diffraction pattern refused by its 1/length units."""
+    scan = stemgpu.open(hyperspy_io / "FEI_old" / "03_Scanning Preview.emi")
+    assert scan.shape == (5, 128, 128)
+    assert scan.metadata["pixel_size_pm"] == pytest.approx(384.352487513925)
+    assert scan.metadata["created"] == "2019-04-25T09:30:09"
+    assert scan.metadata["frame_time_s"] == pytest.approx(0.23593)
+    assert scan.metadata["frame_time_source"] == "TIA ObjectInfo.AcquireInfo.FrameTime"
+    tem = stemgpu.open(hyperspy_io / "FEI_old" / "64x64_TEM_images_acquire.emi")
+    assert tem.metadata["created"] == "2016-02-21T17:50:18"
+    with pytest.raises(formats.FormatError, match="no image or image stack.*1 / nm"):
+        stemgpu.open(hyperspy_io / "FEI_old" / "64x64_diffraction_acquire.emi")
+
+
+def test_real_tia_stem_series_through_stemgpu_run(hyperspy_io, tmp_path, capsys):
+    """A real STEM series (TIA, 5 x 128^2 at 384 pm) through `stemgpu run`: drift in pm from
+    the file's calibration, the frame time from the .emi."""
+    from stemgpu.app.cli import main
+
+    src = hyperspy_io / "FEI_old" / "03_Scanning Preview.emi"
+    out = tmp_path / "scan.h5"
+    assert main(["run", str(src), "--steps", "rigid", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(5, 128, 128) at 384.352 pm/px" in text and "jitter std x" in text
+    res = stemgpu.load(out)
+    assert res.pixel_size_pm == pytest.approx(384.352487513925)
+    assert res.drift.frame_time_s == pytest.approx(0.23593)  # drift in pm/s
+    assert stemgpu.io.results.read_provenance(out)["source"]["format"] == "rsciio-tia"
+
+
+def test_real_velox_emd_matches_an_independent_reader(hyperspy_io, tmp_path):
+    """Velox EMD images and a TEM stack (Thermo Fisher's own files) as openNCEM reads them."""
+    import zipfile
+
+    velox = pytest.importorskip("ncempy.io.emdVelox", reason="ncempy is not installed")
+    with zipfile.ZipFile(hyperspy_io / "emd_files" / "fei_emd_files.zip") as zf:
+        zf.extract("fei_emd_image.emd", tmp_path)
+    for path in (tmp_path / "fei_emd_image.emd",
+                 hyperspy_io / "emd_files" / "fei_example_tem_stack.emd"):
+        ds = stemgpu.open(path, lazy=False)
+        with velox.fileEMDVelox(str(path)) as f:
+            data, meta = f.get_dataset(f.list_data[0])
+        data = np.moveaxis(data, -1, 0) if data.ndim == 3 else data  # Velox: (y, x, frame)
+        np.testing.assert_array_equal(np.asarray(ds.compute()), data)
+        assert ds.metadata["pixel_size_pm"] == pytest.approx(meta["pixelSize"][-1] * 1e3,
+                                                             rel=1e-6)  # ncempy: nm
+        assert ds.metadata["source"]["format"] == "rsciio-emd"
+        assert ds.metadata["layout"] == ("stack" if data.ndim == 3 else "image")
+
+
+# ------------------------------------------------ simulated scenes in instrument formats
+
+
+@pytest.fixture(scope="module")
+def srtio3_image():
+    image, _ = stemgpu.simulate_image((192, 192), seed=3)  # 14.6 pm/px, a = 390.5 pm
+    return np.rint(image).astype(np.uint16)
+
+
+def test_tia_image_through_stemgpu_run(srtio3_image, tmp_path):
+    """A simulated SrTiO3 image in a TIA .ser (checked by two independent readers) through
+    `stemgpu run`: the cell from the file's 14.6 pm calibration."""
+    import tia_files
+    from rsciio.tia import file_reader
+
+    from stemgpu.app.cli import main
+
+    path = tia_files.write_ser(tmp_path / "haadf_1.ser", srtio3_image, pixel_m=14.6e-12,
+                               origin_m=(-1.5e-9, 2.0e-9))
+    ours = file_reader(path)[0]
+    np.testing.assert_array_equal(np.asarray(ours["data"]), srtio3_image)
+    assert ours["axes"][0]["scale"] == pytest.approx(0.0146)
+    scratch = tmp_path / "ncem"
+    scratch.mkdir()
+    is_image, data, pixel_m, origin_m = _ncem_ser(path, scratch)
+    assert is_image and pixel_m == pytest.approx(14.6e-12)
+    np.testing.assert_array_equal(data, srtio3_image)
+    assert origin_m == pytest.approx((-1.5e-9, 2.0e-9))
+    ds = stemgpu.open(path)
+    assert ds.metadata["pixel_size_pm"] == pytest.approx(14.6)
+    assert ds._axes[0].values[0] == pytest.approx(ORIGIN_NM[0])
+    out = tmp_path / "res.h5"
+    assert main(["run", path, "--steps", "atoms,cells", "--out", str(out), "--quiet"]) == 0
+    rows = stemgpu.load(out).summary()
+    for name in ("a1_length_pm", "a2_length_pm"):
+        assert abs(rows[name].value - 390.5) < 4 * rows[name].uncertainty + 0.5, name
+
+
+def test_dm4_stack_through_stemgpu_run(tmp_path):
+    """A simulated SrTiO3 stack in Nion Swift's DM4 export through `stemgpu run` with every
+    default step: the cell from the file's 14.6 pm calibration."""
+    pytest.importorskip("nionswift_plugin.DM_IO", reason="nionswift-io is not installed")
+    import pathlib
+
+    import nion_files
+
+    from stemgpu.app.cli import main
+
+    stack, _ = stemgpu.simulate_stack((5, 160, 160), frame_jitter_px=0.3, seed=4)
+    path = nion_files.export_dm(pathlib.Path(tmp_path / "stack.dm4"), stack.astype(np.float32))
+    out = tmp_path / "res.h5"
+    assert main(["run", path, "--out", str(out), "--quiet"]) == 0
+    res = stemgpu.load(out)
+    assert res.pixel_size_pm == pytest.approx(14.6)
+    assert stemgpu.io.results.read_provenance(out)["source"]["format"] == \
+        "rsciio-digitalmicrograph"
+    rows = res.summary()
+    for name in ("a1_length_pm", "a2_length_pm"):
+        assert abs(rows[name].value - 390.5) < 4 * rows[name].uncertainty + 0.5, name
 
 
 def test_missing_rsciio_names_the_extra(tmp_path, stack, monkeypatch):

@@ -167,6 +167,17 @@ def test_round_trip_dataclass_exact(tmp_path, sim):
     assert back.parameters["max_shift"] == (3.0, 4.0)  # a tuple stays a tuple
 
 
+@pytest.mark.parametrize("value", [np.bytes_(b""), np.str_(""), np.bytes_(b"a\x00b"),
+                                   np.str_("\u00b5m")])
+def test_round_trip_numpy_string_scalars(tmp_path, value):
+    """Empty NumPy string scalars (a TIA file's metadata holds them) come back equal and of
+    their type: the scalar's itemsize is 0, its array's is not."""
+    path = tmp_path / "s.h5"
+    save({"meta": {"v": value}}, path)
+    back = load(path)["meta"]["v"]
+    assert type(back) is type(value) and back == value
+
+
 def test_round_trip_large_atom_table_and_metadata(tmp_path):
     fit = make_fit()
     path = save(fit, tmp_path / "fit.h5")

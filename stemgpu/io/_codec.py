@@ -88,7 +88,9 @@ def as_subclass(arr: np.ndarray, name: str | None) -> np.ndarray:
 def to_json(obj: Any, where: str) -> Any:
     """Tagged JSON-able form of ``obj`` (inverse: :func:`from_json`)."""
     if isinstance(obj, np.str_):  # a str subclass: keep the NumPy type
-        return {"__npscalar__": obj.dtype.str, "b64": _b64(np.asarray(obj).tobytes())}
+        # The array's dtype, not the scalar's: an empty np.str_ is '<U0' but stores 4 bytes.
+        arr = np.asarray(obj)
+        return {"__npscalar__": arr.dtype.str, "b64": _b64(arr.tobytes())}
     if obj is None or isinstance(obj, bool | str):
         return obj
     if isinstance(obj, int):
@@ -100,8 +102,8 @@ def to_json(obj: Any, where: str) -> Any:
     if isinstance(obj, np.generic):
         if obj.dtype.kind in "biuf":
             return {"__npscalar__": obj.dtype.str, "value": obj.item()}
-        return {"__npscalar__": dtype_to_json(obj.dtype),
-                "b64": _b64(np.asarray(obj).tobytes())}
+        arr = np.asarray(obj)  # an empty np.bytes_ is 'S0' as a scalar, 'S1' as an array
+        return {"__npscalar__": dtype_to_json(arr.dtype), "b64": _b64(arr.tobytes())}
     if isinstance(obj, np.ma.MaskedArray):
         return {"__masked__": to_json(np.ma.getdata(obj), where),
                 "mask": to_json(np.ma.getmaskarray(obj), where),
@@ -169,6 +171,8 @@ def from_json(obj: Any) -> Any:
     if "__npscalar__" in obj:
         dtype = dtype_from_json(obj["__npscalar__"])
         if "b64" in obj:
+            if dtype.itemsize == 0:  # files written before the fix above: an empty value
+                return dtype.type()
             return np.frombuffer(base64.b64decode(obj["b64"]), dtype=dtype)[0]
         return dtype.type(obj["value"])
     if "__masked__" in obj:

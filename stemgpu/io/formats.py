@@ -37,6 +37,7 @@ EXTENSIONS = {
     ".tif": ("tiff", "TIFF"),
     ".tiff": ("tiff", "TIFF"),
 }
+_MAX_PIXEL_PM = 1e9  # 1 mm: no microscope image has larger pixels
 _TIME_TO_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "min": 60.0}
 
 
@@ -100,6 +101,16 @@ def _axis(axis: dict) -> tuple[float, float, float | None]:
     return scale, offset, size
 
 
+def _origin_nm(axis: dict, tia: bool) -> float:
+    """The axis origin in nm (0 when it has none or no length unit)."""
+    offset = _number(axis.get("offset", 0.0)) or 0.0
+    if tia and str(axis.get("units")) == "nm":
+        # RosettaSciIO's TIA reader converts the scale from metres to nm but leaves the
+        # offset in metres (checked against openNCEM's independent reader in the tests).
+        return offset * 1e9
+    return (_length_pm(offset, axis.get("units")) or 0.0) / 1000.0
+
+
 def _created(meta: dict) -> str | None:
     general = meta.get("General") if isinstance(meta.get("General"), dict) else {}
     date, time = general.get("date"), general.get("time")
@@ -141,16 +152,23 @@ def _inspect(path: str, lazy: bool, pixel_size: float | None, checksum: bool) ->
     index = images[0]
     signal = signals[index]
     data, axes = signal["data"], signal["axes"]
-    (_, y0, ypm), (_, x0, xpm) = _axis(axes[-2]), _axis(axes[-1])
+    (_, _, ypm), (_, _, xpm) = _axis(axes[-2]), _axis(axes[-1])
     if pixel_size is not None:
         px, px_source = check_real(pixel_size, "pixel_size", greater=0), "pixel_size="
     else:
         if abs(ypm - xpm) > 1e-3 * max(ypm, xpm):
             raise _fail(path, f"non-square pixels ({ypm:.6g} pm x {xpm:.6g} pm); stemgpu "
                               "assumes square pixels: pass pixel_size= to override")
+        if ypm > _MAX_PIXEL_PM:
+            # A TIA .ser read without its .emi carries no units: a diffraction pattern's
+            # 1/m calibration then reads as metres.
+            raise _fail(path, f"the file's calibration of {ypm:.4g} pm per pixel is not a "
+                              "real-space pixel (> 1 mm; a diffraction pattern, whose "
+                              "calibration is in 1/length?): stemgpu reads real-space images; "
+                              "pass pixel_size= to override")
         px, px_source = ypm, "file"
-    origin = (_length_pm(y0, axes[-2].get("units")) or 0.0) / 1000.0, \
-        (_length_pm(x0, axes[-1].get("units")) or 0.0) / 1000.0
+    tia = module.__name__.split(".")[-1] == "tia"
+    origin = tuple(_origin_nm(a, tia) for a in axes[-2:])
     layout = "stack" if data.ndim == 3 else "image"
     meta = signal.get("metadata") if isinstance(signal.get("metadata"), dict) else {}
     frame_time, ft_source = None, None
@@ -159,6 +177,12 @@ def _inspect(path: str, lazy: bool, pixel_size: float | None, checksum: bool) ->
         units = str(axes[0].get("units") or "").strip().lower()
         if units in _TIME_TO_S and scale:
             frame_time, ft_source = abs(scale) * _TIME_TO_S[units], "frame axis calibration"
+        elif tia:  # TIA keeps the frame time in the .emi, not on the frame axis
+            acquire = ((signal.get("original_metadata") or {}).get("ObjectInfo") or {}) \
+                .get("AcquireInfo") or {}
+            value = _number(acquire.get("FrameTime")) if isinstance(acquire, dict) else None
+            if value and value > 0:
+                frame_time, ft_source = value, "TIA ObjectInfo.AcquireInfo.FrameTime"
     general = meta.get("General") if isinstance(meta.get("General"), dict) else {}
     signal_md = meta.get("Signal") if isinstance(meta.get("Signal"), dict) else {}
     out = {
