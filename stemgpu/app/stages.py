@@ -20,7 +20,8 @@ from .._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, res
 from ..backend import Backend, resolve_backend, to_host
 from .errors import AnalysisError
 
-__all__ = ["DEMONS_BATCH_BYTES", "DEMONS_BYTES_PER_PIXEL", "Prepared", "RegisteredFrames",
+__all__ = ["DEMONS_BATCH_BYTES", "DEMONS_BYTES_PER_PIXEL", "STREAM_BATCH_BYTES", "Prepared",
+           "RegisteredFrames",
            "atoms_stage", "cells_stage", "demons_batch_size", "demons_stage", "prepare_input",
            "registered_mean", "rigid_stage", "streamed_demons_stage", "track_stage"]
 
@@ -113,6 +114,14 @@ def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mappi
     from ..registration.rigid import register_rigid
 
     be = prep.backend
+    options = dict(options)
+    if prep.streamed and not be.is_gpu and "batch_size" not in options:
+        # a streamed stack may be larger than memory: batches from the streaming budget
+        from ..registration.rigid import BYTES_PER_PIXEL
+
+        options["batch_size"] = be.frames_per_batch(prep.shape, BYTES_PER_PIXEL,
+                                                    cpu_cap=STREAM_BATCH_BYTES,
+                                                    max_frames=64)
     if client is None:
         register = register_rigid
     else:
@@ -184,6 +193,9 @@ DEMONS_BYTES_PER_PIXEL = 224
 #: Host memory one streamed demons batch may use on the CPU (the GPU takes a third of its
 #: free memory, as register_demons does).
 DEMONS_BATCH_BYTES = 128 * 2**20
+#: Host memory one rigid batch of a streamed stack may use on the CPU (register_rigid's own
+#: "auto" allows 256 MiB, more than a stack twice the memory limit leaves).
+STREAM_BATCH_BYTES = 64 * 2**20
 
 
 def demons_batch_size(shape, be: Backend, batch_size="auto") -> int:
@@ -332,7 +344,7 @@ def streamed_demons_stage(prep: Prepared, rigid, options: Mapping[str, Any],
     flagged = to_host(rigid.flagged).astype(bool)
     keep = np.flatnonzero(~flagged)
     frames = RegisteredFrames(prep.data, rigid.shifts, rigid.parameters.get(
-        "order", "fourier"), keep, be)
+        "order", "fourier"), keep, be, batch=rigid.parameters.get("batch_size"))
     n, h, w = frames.shape
     opts = dict(options)
     batch = demons_batch_size(frames.shape, be, opts.pop("batch_size", "auto"))
@@ -586,17 +598,24 @@ def cells_stage(fit, species, px, options, names=None):
 class RegisteredFrames:
     """A lazy stack of rigidly registered frames: read from the source and shifted on access.
 
-    What ``track`` fits when the input was streamed (nothing but the mean was kept): frames
-    are read from the lazy source and shifted by their rigid shifts one batch at a time.
-    ``frames`` lists the source frames used (the unflagged ones).
+    What demons registers and ``track`` fits when the input was streamed (nothing but the
+    mean was kept): frames are read from the lazy source and shifted by their rigid shifts.
+    ``frames`` lists the source frames used (the unflagged ones). With ``batch`` (the rigid
+    batch size) frames are shifted in the batches of rigid registration's own last pass,
+    flagged frames included (the padding of a Fourier shift follows the largest shift of a
+    batch), so they are the bits of ``rigid.registered`` of an in-memory run; the last
+    shifted batch is cached, so reading batch after batch shifts each frame once.
     """
 
-    def __init__(self, source, shifts, order, frames, backend):
+    def __init__(self, source, shifts, order, frames, backend, batch=None):
         self.source, self.order, self.backend = source, order, backend
         self.frames = np.asarray(frames, dtype=np.int64)
-        self.shifts = np.asarray(shifts, dtype=float)[self.frames]
+        self.all_shifts = np.asarray(shifts, dtype=float)
+        self.shifts = self.all_shifts[self.frames]
+        self.batch = None if batch is None else max(1, int(batch))
         self.shape = (len(self.frames), *tuple(int(x) for x in source.shape[1:]))
         self.dtype = np.dtype(np.float32)
+        self._cache = None  # (rigid batch index, its shifted frames)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -605,6 +624,7 @@ class RegisteredFrames:
         # the backend by name (a Backend holds modules): a dask task rebuilds it
         state = dict(self.__dict__)
         state["backend"] = self.backend.name
+        state["_cache"] = None
         return state
 
     def __setstate__(self, state):
@@ -618,12 +638,36 @@ class RegisteredFrames:
             raise TypeError("RegisteredFrames supports frame slices only")
         sel = range(*key.indices(self.shape[0]))
         idx = self.frames[list(sel)]
+        if self.batch is not None:
+            return self._on_rigid_grid(idx)
         raw = np.asarray(self.source[int(idx[0]):int(idx[-1]) + 1], dtype=np.float32) \
             if len(idx) else np.empty((0, *self.shape[1:]), np.float32)
         raw = raw[idx - idx[0]] if len(idx) else raw
         moved = apply_shifts(raw, self.shifts[list(sel)], order=self.order,
                              backend=self.backend)
         return to_host(moved).astype(np.float32, copy=False)
+
+    def _on_rigid_grid(self, idx):
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        which = idx // self.batch
+        for k in np.unique(which):
+            rows = np.flatnonzero(which == k)
+            out[rows] = self._shifted_batch(int(k))[idx[rows] - int(k) * self.batch]
+        return out
+
+    def _shifted_batch(self, k):
+        """Rigid batch ``k`` of the source, every frame shifted (host float32)."""
+        from ..registration.rigid import apply_shifts
+
+        if self._cache is not None and self._cache[0] == k:
+            return self._cache[1]
+        self._cache = None  # free the old batch first
+        a, b = k * self.batch, min(int(self.source.shape[0]), (k + 1) * self.batch)
+        raw = np.asarray(self.source[a:b], dtype=np.float32)
+        moved = to_host(apply_shifts(raw, self.all_shifts[a:b], order=self.order,
+                                     backend=self.backend)).astype(np.float32, copy=False)
+        self._cache = (k, moved)
+        return moved
 
 
 def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[str, Any],
@@ -657,7 +701,7 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
         frames = demons.registered  # demons registered the unflagged frames only
     elif prep.streamed:
         frames = RegisteredFrames(prep.data, rigid.shifts, rigid.parameters.get(
-            "order", "fourier"), keep, prep.backend)
+            "order", "fourier"), keep, prep.backend, batch=rigid.parameters.get("batch_size"))
     else:
         frames = rigid.registered if not flagged.any() \
             else rigid.registered[prep.backend.asarray(keep)]
