@@ -714,26 +714,26 @@ def track_columns_on(client, stack, positions, *, species=None, sigma=None, wind
 # --------------------------------------------------------------------------- streamed demons
 
 
-def _task_demons(item, frames, reference, options, backend):
-    """One streamed demons batch on a worker: reads frames ``a:b`` itself, host arrays out."""
-    from .stages import _demons_on_batch
-
+def _task_demons(item, work, frames, reference, options, backend):
+    """One streamed demons batch on a worker: ``work`` reads frames ``a:b`` itself."""
     a, b = item
-    return _demons_on_batch(frames, a, b, reference, options, backend)
+    return work(frames, a, b, reference, options, backend)
 
 
 def demons_batches_on(client, run, frames, ranges, reference, options, backend, progress,
-                      desc):
+                      desc, work):
     """The batches of one streamed demons pass as tasks on ``client``.
 
     ``frames`` (the stage's :class:`~stemgpu.app.stages.RegisteredFrames`, or any lazy
     frame source) goes to the workers as a file reference and every task reads and shifts
-    its own frames; the reference is sent once. Each finished batch is handed to
+    its own frames with ``work(frames, start, stop, reference, options, backend)`` (the
+    stage's batch function, passed in: this module imports no stage); the reference is sent
+    once. Each finished batch is handed to
     ``run.add(start, result)`` here on the client, which writes the frame store, as it
     arrives; at most ``INFLIGHT`` batches per worker are queued, so the client holds a few
     batches at most. Frames are independent given the reference, so on NumPy the results
-    are bit-identical to the in-process pass (the float64 sums of the mean are added in
-    completion order: equal to the in-process sums within float64 rounding).
+    are bit-identical to the in-process pass (the stage adds the batches to its sums in
+    frame order, whatever order they finish in).
 
     Raises
     ------
@@ -749,7 +749,8 @@ def demons_batches_on(client, run, frames, ranges, reference, options, backend, 
         frames.source = picklable_source(frames.source)
     frames_f = hold(client, picklable_source(frames))
     ref_f = hold(client, np.asarray(reference))
-    map_bounded(client, _task_demons, list(ranges), args=(frames_f, ref_f, options, backend),
+    map_bounded(client, _task_demons, list(ranges),
+                args=(work, frames_f, ref_f, options, backend),
                 stage="demons", label=lambda it: f"frames {it[0]}:{it[1]}",
                 progress=progress, desc=desc, leave=False,
                 on_result=lambda i, res: run.add(ranges[i][0], res))

@@ -408,7 +408,8 @@ def _run_demons_pass(run, frames, ranges, ref, opts, be, progress, desc, client,
         return
     from .distributed import demons_batches_on
 
-    demons_batches_on(client, run, frames, ranges, ref, opts, be.name, progress, desc)
+    demons_batches_on(client, run, frames, ranges, ref, opts, be.name, progress, desc,
+                      _demons_on_batch)
 
 
 def registered_mean(current, flagged, be: Backend):
