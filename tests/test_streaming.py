@@ -201,3 +201,27 @@ def test_demons_batches_follow_the_memory_budget():
     assert 1 <= n and (n * per <= 2 * stages.DEMONS_BATCH_BYTES)
     assert stages.demons_batch_size((100, 512, 512), be, 7) == 7
     assert stages.demons_batch_size((100, 4096, 4096), be) == 1
+
+
+def test_saving_images_imports_neither_sidpy_nor_dask(tmp_path):
+    """The pyNSID layout is written by h5py alone: importing sidpy (and dask-ml through it)
+    would cost ~300 MB, more than a streamed analysis of a large stack may use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, stemgpu; "
+            "s, _ = stemgpu.simulate_stack((4, 96, 96), seed=1); "
+            "r = stemgpu.register_rigid(s, pixel_size=14.6, backend='numpy'); "
+            f"stemgpu.save({{'rigid': r}}, {str(tmp_path / 'r.h5')!r}); "
+            "bad = [m for m in ('sidpy', 'pyNSID', 'dask') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    import pyNSID
+
+    with h5py.File(tmp_path / "r.h5", "r") as fh:
+        mains = pyNSID.hdf_utils.get_all_main(fh)
+        assert len(mains) == 2
+        ds = pyNSID.hdf_utils.read_h5py_dataset(
+            fh["Measurement_000/Channel_000/rigid_registered/rigid_registered"])
+        assert ds.shape == (4, 96, 96) and ds._axes[1].units == "nm"
+        assert float(ds._axes[2].values[1]) == pytest.approx(0.0146)
