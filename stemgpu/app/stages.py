@@ -348,9 +348,11 @@ def streamed_demons_stage(prep: Prepared, rigid, options: Mapping[str, Any],
     n, h, w = frames.shape
     opts = dict(options)
     batch = demons_batch_size(frames.shape, be, opts.pop("batch_size", "auto"))
-    rounds = int(opts.pop("rounds", 1)) if "reference" not in opts else 1
-    if isinstance(rounds, bool) or rounds < 1:
-        raise ValueError(f"demons rounds must be an integer >= 1; got {rounds!r}")
+    from .._checks import check_int
+
+    rounds = check_int(opts.pop("rounds", 1), "rounds", minimum=1, maximum=100)
+    if "reference" in opts:  # as register_demons: a given reference is one round
+        rounds = 1
     keep_fields = opts.get("keep_fields", True)
     given = opts.pop("reference", None)
     ranges = [(a, min(n, a + batch)) for a in range(0, n, batch)]
