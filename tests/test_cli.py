@@ -199,13 +199,32 @@ def test_run_without_demons_streams_the_stack(nion_file, tmp_path, capsys):
         assert a[name].value == pytest.approx(b[name].value, abs=0.05 * b[name].uncertainty)
 
 
-def test_streamed_analysis_refuses_demons(nion_file):
+def test_streamed_analysis_needs_rigid(nion_file):
+    """A lazy stack is streamed through rigid (and demons) registration; without 'rigid'
+    there is no registered mean to fit (demons is streamed since the frame store)."""
     source = stemgpu.open_frames(nion_file)
     try:
-        with pytest.raises(ValueError, match="without 'demons'"):
-            stemgpu.analyze(source, progress=False)
+        with pytest.raises(ValueError, match="include 'rigid'"):
+            stemgpu.analyze(source, progress=False, steps=("atoms", "cells"))
     finally:
         source.close()
+
+
+def test_run_streams_demons_and_removes_its_store(nion_file, tmp_path, capsys):
+    """With demons the frames are streamed too: the demons frames go to a temporary store
+    next to the results (gone afterwards), and the results equal the in-memory run's."""
+    out = tmp_path / "streamed.h5"
+    assert main(["run", str(nion_file), "--out", str(out)]) == 0
+    assert "the demons frames go to a temporary store" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.h5"]
+    streamed = stemgpu.load(out)
+    assert streamed.info["streamed"] is True
+    assert streamed.demons.parameters["streamed"] is True
+    direct = stemgpu.analyze(stemgpu.open(nion_file, lazy=False), progress=False)
+    np.testing.assert_array_equal(streamed.demons.registered, direct.demons.registered)
+    np.testing.assert_array_equal(streamed.demons.displacement, direct.demons.displacement)
+    np.testing.assert_array_equal(streamed.mean_image, direct.mean_image)
+    np.testing.assert_array_equal(streamed.atoms.positions, direct.atoms.positions)
 
 
 def test_read_nsid_reads_what_run_reads(tmp_path):

@@ -241,3 +241,62 @@ def test_h5py_and_memmap_sources_reach_the_workers(client, tmp_path, stack_file)
     mm = np.memmap(tmp_path / "s.raw", dtype=stack.dtype, mode="r", shape=stack.shape)
     _same_rigid(register_rigid_on(client, mm, batch_size=4, backend="numpy",
                                   pixel_size=14.6), ref)
+
+
+def test_streamed_demons_on_a_cluster_is_bit_identical(client, stack_file, tmp_path):
+    """Demons batches of a streamed stack as tasks (each reads and shifts its own frames;
+    the client writes the store, batches arriving in any order) give the in-process bits,
+    on the same rigid registration."""
+    from stemgpu.app import stages
+
+    path, _ = stack_file
+    src = open_frames(path)
+    try:
+        prep = stages.prepare_input(src, ("rigid", "demons"), None, "numpy")
+        rigid = stemgpu.analyze(src, steps=("rigid",), progress=False, backend="numpy",
+                                rigid={"batch_size": 4}).rigid
+        opts = {"iterations": 8, "batch_size": 2}
+        on, _, mean_on, store_on = stages.streamed_demons_stage(
+            prep, rigid, opts, False, store_dir=tmp_path, client=client)
+        ref, _, mean_ref, store_ref = stages.streamed_demons_stage(
+            prep, rigid, opts, False, store_dir=tmp_path)
+        for name in ("registered", "displacement"):
+            np.testing.assert_array_equal(getattr(on, name)[:], getattr(ref, name)[:])
+        for name in ("mean", "reference", "metric_before", "metric_after", "metric_history",
+                     "iterations", "flagged"):
+            np.testing.assert_array_equal(np.asarray(getattr(on, name)),
+                                          np.asarray(getattr(ref, name)), err_msg=name)
+        np.testing.assert_array_equal(mean_on, mean_ref)
+    finally:
+        src.close()
+    store_on.close()
+    store_ref.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_with_a_scheduler_gives_the_in_process_results(stack_file, tmp_path, capsys):
+    """``stemgpu run FILE --scheduler local``: a 2-worker cluster started for the run (its
+    dashboard printed), results equal to the in-process run."""
+    from stemgpu.app.cli import main
+
+    path = stack_file[0]
+    args = ["run", path, "--steps", "rigid,demons,atoms,cells", "--backend", "numpy"]
+    assert main([*args, "--out", str(tmp_path / "local.h5"), "--scheduler", "local",
+                 "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "dask dashboard: http" in out and "streaming the frames" in out
+    assert main([*args, "--out", str(tmp_path / "here.h5"), "--quiet"]) == 0
+    on, here = stemgpu.load(tmp_path / "local.h5"), stemgpu.load(tmp_path / "here.h5")
+    assert on.demons.parameters["streamed"] and here.demons.parameters["streamed"]
+    # rigid registration on a cluster differs from in process by ~2e-4 px on main today
+    # (test_rigid_on_a_cluster_is_bit_identical); demons given the same rigid result is
+    # bit-identical (test above), so the figures agree to that rigid difference
+    np.testing.assert_allclose(on.rigid.shifts, here.rigid.shifts, atol=1e-3)
+    inner = (slice(16, -16), slice(16, -16))
+    np.testing.assert_allclose(on.mean_image[inner], here.mean_image[inner],
+                               atol=1e-3 * float(here.mean_image.max()))
+    a, b = on.summary(), here.summary()
+    assert a.keys() == b.keys()
+    for name in ("a1_length_pm", "a2_length_pm", "area_nm2", "tetragonal"):
+        assert a[name].value == pytest.approx(b[name].value, abs=0.05 * b[name].uncertainty)
+    assert sorted(os.listdir(tmp_path)) == ["here.h5", "local.h5"]

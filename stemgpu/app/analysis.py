@@ -69,6 +69,23 @@ class Analysis:
 
     def __init__(self, results: Mapping[str, Any]):
         self.results = dict(results)
+        self._stores: list = []
+
+    def close(self) -> None:
+        """Remove the temporary frame store of a streamed demons step (after saving).
+
+        ``demons.registered`` / ``demons.displacement`` of a streamed analysis are then
+        unreadable; everything else stays. Nothing to do for an in-memory analysis.
+        """
+        for store in self._stores:
+            store.close()
+        self._stores = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __getattr__(self, name: str):
         if name in ("rigid", "drift", "demons", "mean_image", "atoms", "species", "cells",
@@ -205,7 +222,7 @@ class _Clock:
 
 def analyze(stack, *, pixel_size: float | None = None,
             steps: Sequence[str] = STEPS, backend=None, progress: bool = True,
-            lattice=None, client=None, **stage_options) -> Analysis:
+            lattice=None, client=None, scratch_dir=None, **stage_options) -> Analysis:
     """Register a stack, fit its atom columns and measure its unit cells, in one call.
 
     Parameters
@@ -214,8 +231,13 @@ def analyze(stack, *, pixel_size: float | None = None,
         NumPy or CuPy data (a sidpy Dataset from :func:`stemgpu.open` carries its
         calibration and frame time). A single image allows only ``("atoms", "cells")``. A
         lazy source (:func:`stemgpu.open_frames`, an h5py dataset, a memmap) is streamed
-        through rigid registration batch by batch and only the registered mean is kept, so a
-        stack larger than memory can be analysed; it needs ``"rigid"`` and no ``"demons"``.
+        batch by batch, so a stack larger than memory can be analysed; it needs
+        ``"rigid"``. Rigid registration keeps only the registered mean; ``"demons"``
+        registers the rigidly registered frames batch by batch onto that mean and writes
+        its registered frames (and fields) to a temporary chunked store in ``scratch_dir``
+        (:class:`~stemgpu.io.store.FrameStore`); ``demons.registered`` and
+        ``demons.displacement`` are then lazy frame sources on it (removed by
+        :meth:`Analysis.close`, else when the analysis is garbage-collected).
     pixel_size : float, optional
         pm per pixel; overrides the data's calibration and is required without one.
     steps : sequence of {"rigid", "demons", "atoms", "cells", "track"}
@@ -238,7 +260,11 @@ def analyze(stack, *, pixel_size: float | None = None,
         processes, ``"local-cuda"`` dask-cuda's LocalCUDACluster (one worker per GPU), a
         string is a scheduler address or file, or pass your own Client (never closed).
         On NumPy the results are bit-identical to ``client=None``; ``rigid={...}`` must
-        keep ``mode="reference"`` without ``polish``.
+        keep ``mode="reference"`` without ``polish``. The demons batches of a streamed stack
+        are tasks too (each reads its own frames; this process writes the store).
+    scratch_dir : str or os.PathLike, optional
+        Folder for the temporary frame store of a streamed ``"demons"`` (default: the
+        system temporary folder; ``stemgpu run`` uses the output's folder).
     **stage_options : dict
         Options per stage, passed on: ``rigid={...}`` to :func:`stemgpu.register_rigid`,
         ``drift={...}`` to :func:`stemgpu.drift_report` (``frame_time``, ``model``, ...),
@@ -288,7 +314,7 @@ def analyze(stack, *, pixel_size: float | None = None,
             with cluster_client(client, say=print if progress else _silent) as connected:
                 return analyze(stack, pixel_size=pixel_size, steps=steps, backend=backend,
                                progress=progress, lattice=lattice, client=connected,
-                               **stage_options)
+                               scratch_dir=scratch_dir, **stage_options)
     prep = stages.prepare_input(stack, steps, pixel_size, backend)
     be = prep.backend
     info: dict[str, Any] = {"pixel_size_pm": prep.pixel_size_pm, "steps": list(steps),
@@ -302,6 +328,7 @@ def analyze(stack, *, pixel_size: float | None = None,
     if source is not None:
         info["source"] = source
     results: dict[str, Any] = {"info": info}
+    stores: list = []  # the frame stores of a streamed analysis (Analysis.close removes them)
     bar = progress_bar(progress, total=len(steps), desc="stemgpu", unit="stage", leave=False)
     clock = _Clock(info, bar)
     try:
@@ -311,7 +338,17 @@ def analyze(stack, *, pixel_size: float | None = None,
                 results["rigid"], results["drift"], current, flagged = stages.rigid_stage(
                     prep, opts.get("rigid", {}), opts.get("drift", {}), progress,
                     client=client)
-        if "demons" in steps:
+        if "demons" in steps and prep.streamed:
+            with clock.stage("demons", "demons registration"):
+                demons, kept, current, store = stages.streamed_demons_stage(
+                    prep, results["rigid"], opts.get("demons", {}), progress,
+                    store_dir=scratch_dir, client=client)
+                stores.append(store)
+                if kept is not None:
+                    info["demons_frames"] = kept
+                results["demons"] = demons
+                flagged = None
+        elif "demons" in steps:
             with clock.stage("demons", "demons registration"):
                 demons, kept = stages.demons_stage(current, flagged, be,
                                                    opts.get("demons", {}), progress)
@@ -336,6 +373,12 @@ def analyze(stack, *, pixel_size: float | None = None,
                     prep, results["rigid"], results.get("demons"), results["atoms"],
                     results["species"], opts.get("track", {}), opts.get("cells", {}),
                     opts.get("atoms", {}).get("names"), progress, client=client)
+    except BaseException:
+        for store in stores:  # nothing refers to the frames written so far
+            store.close()
+        raise
     finally:
         bar.close()  # also on errors: no half-drawn bar before the message
-    return Analysis(results)
+    out = Analysis(results)
+    out._stores = stores
+    return out

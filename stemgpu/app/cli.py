@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     return run_file(args.file, out=args.out, backend=args.backend, steps=args.steps,
                     pixel_size=args.pixel_size, quiet=args.quiet, figure=args.figure,
-                    contrast=args.contrast)
+                    contrast=args.contrast, scheduler=args.scheduler, workers=args.workers)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -113,17 +113,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
                      backend=args.backend, pixel_size=args.pixel_size, quiet=args.quiet)
 
 
+def _add_scheduler_options(p, what: str) -> None:
+    """``--scheduler`` and ``--workers``, the same for ``run`` and ``batch``."""
+    p.add_argument("--scheduler", default=None,
+                   help="local, local-cuda, a scheduler address or scheduler file: " + what)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes of a local cluster (default: one per core/GPU)")
+
+
 def _add_batch_parser(sub, backend_help: str) -> None:
     p = sub.add_parser("batch", help="analyse many files: a results file each in --out-dir "
                        "and a summary table (summary.csv); exit 5 when some failed")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--out-dir", required=True,
                    help="folder for FILE-stemgpu.h5 per input and summary.csv")
-    p.add_argument("--scheduler", default=None,
-                   help="local, local-cuda, a scheduler address or scheduler file: one "
-                   "dask.distributed task per file (default: one after another here)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes of a local cluster (default: one per core/GPU)")
+    _add_scheduler_options(p, "one dask.distributed task per file (default: one after "
+                           "another here)")
     p.add_argument("--resume", action="store_true",
                    help="skip files whose results file in --out-dir is complete")
     p.add_argument("--backend", default=None, help=backend_help)
@@ -186,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", choices=("bright", "dark", "auto"), default="bright",
                    help="columns brighter than the background (HAADF/ADF), darker (ABF/BF), "
                    "or auto: chosen from the image (default %(default)s)")
+    _add_scheduler_options(p, "the rigid, demons and tracking frame batches as "
+                           "dask.distributed tasks (default: all in this process)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 

@@ -27,8 +27,9 @@ from typing import Any
 
 from .._progress import progress_bar
 
-__all__ = ["ParallelStageError", "cluster_client", "describe_client", "hold", "is_client",
-           "map_bounded", "picklable_source", "register_rigid_on", "track_columns_on"]
+__all__ = ["ParallelStageError", "cluster_client", "demons_batches_on", "describe_client",
+           "hold", "is_client", "map_bounded", "picklable_source", "register_rigid_on",
+           "track_columns_on"]
 
 #: Tasks queued per worker: one running, one whose inputs are being read.
 INFLIGHT = 2
@@ -147,8 +148,13 @@ def _n_workers(client) -> int:
 def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any], str],
                 stage: str, args: Iterable = (), progress: bool = False,
                 desc: str | None = None, inflight: int = INFLIGHT, leave: bool = True,
-                on_error: Callable[[Any, BaseException], Any] | None = None) -> list:
+                on_error: Callable[[Any, BaseException], Any] | None = None,
+                on_result: Callable[[int, Any], Any] | None = None) -> list:
     """``[func(item, *args) for item in items]`` on the cluster, in item order.
+
+    With ``on_result``, each result is handed to ``on_result(index, result)`` as it arrives
+    (in completion order) and not kept: the list returned then holds None, so the client
+    holds at most the results in flight (a streamed stage writes each to its store).
 
     At most ``inflight`` tasks per worker are queued; the rest are submitted as earlier ones
     finish. A progress bar ticks per finished task. A task that fails for good (an exception
@@ -192,7 +198,7 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
         for fut in ac:
             i = futures.pop(fut.key)
             try:
-                results[i] = _aligned(fut.result())
+                result = _aligned(fut.result())
             except Exception as exc:
                 if on_error is None:
                     for other in list(ac.futures):
@@ -200,8 +206,13 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
                     raise ParallelStageError(
                         f"{stage}: the task for {label(items[i])} failed "
                         f"({type(exc).__name__}: {exc})") from exc
-                results[i] = on_error(items[i], exc)
+                result = on_error(items[i], exc)
             fut.release()
+            if on_result is None:
+                results[i] = result
+            else:
+                on_result(i, result)
+            del result
             bar.update(1)
             submit_next()
     finally:
@@ -698,3 +709,48 @@ def track_columns_on(client, stack, positions, *, species=None, sigma=None, wind
         fail_fraction=fail_fraction, level=level)
     fit = _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw)
     return tr.assess_tracks(fit, species, gates)
+
+
+# --------------------------------------------------------------------------- streamed demons
+
+
+def _task_demons(item, work, frames, reference, options, backend):
+    """One streamed demons batch on a worker: ``work`` reads frames ``a:b`` itself."""
+    a, b = item
+    return work(frames, a, b, reference, options, backend)
+
+
+def demons_batches_on(client, run, frames, ranges, reference, options, backend, progress,
+                      desc, work):
+    """The batches of one streamed demons pass as tasks on ``client``.
+
+    ``frames`` (the stage's :class:`~stemgpu.app.stages.RegisteredFrames`, or any lazy
+    frame source) goes to the workers as a file reference and every task reads and shifts
+    its own frames with ``work(frames, start, stop, reference, options, backend)`` (the
+    stage's batch function, passed in: this module imports no stage); the reference is sent
+    once. Each finished batch is handed to
+    ``run.add(start, result)`` here on the client, which writes the frame store, as it
+    arrives; at most ``INFLIGHT`` batches per worker are queued, so the client holds a few
+    batches at most. Frames are independent given the reference, so on NumPy the results
+    are bit-identical to the in-process pass (the stage adds the batches to its sums in
+    frame order, whatever order they finish in).
+
+    Raises
+    ------
+    ParallelStageError
+        A batch failed for good; the message names the frame range.
+    """
+    import copy
+
+    import numpy as np
+
+    if hasattr(frames, "source"):  # RegisteredFrames: its source must pickle to a reference
+        frames = copy.copy(frames)
+        frames.source = picklable_source(frames.source)
+    frames_f = hold(client, picklable_source(frames))
+    ref_f = hold(client, np.asarray(reference))
+    map_bounded(client, _task_demons, list(ranges),
+                args=(work, frames_f, ref_f, options, backend),
+                stage="demons", label=lambda it: f"frames {it[0]}:{it[1]}",
+                progress=progress, desc=desc, leave=False,
+                on_result=lambda i, res: run.add(ranges[i][0], res))

@@ -64,19 +64,27 @@ def _steps_for(ds, steps: tuple[str, ...], path, say) -> tuple[str, ...]:
 
 
 def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
-             quiet=False, figure=None, contrast="bright") -> int:
+             quiet=False, figure=None, contrast="bright", scheduler=None,
+             workers=None) -> int:
     """``stemgpu run``: analyse a file, print the summary, save results; returns exit code.
 
     ``contrast`` (``--contrast``): ``"bright"``, ``"dark"`` or ``"auto"``, as
     ``analyze(atoms={"contrast": ...})``; what ``"auto"`` chose is printed.
+
+    A Nion stack of 3 or more frames is streamed from disk (never loaded whole) when the
+    steps include ``"rigid"``: rigid registration keeps only the mean, demons writes its
+    registered frames and fields to a temporary store next to ``out`` (removed at the end),
+    and the results file is written from that store chunk by chunk.
+
+    ``scheduler`` (``--scheduler``): ``"local"``, ``"local-cuda"``, a scheduler address or
+    scheduler file, as ``analyze(client=...)``: rigid, demons and tracking batches run as
+    dask.distributed tasks (``workers``: worker processes of a local cluster); the
+    dashboard address of a cluster started here is printed.
     """
     from .._checks import check_choice
 
     check_choice(contrast, "contrast", ("bright", "dark", "auto"))
-    from ..backend import to_host
-    from ..io.results import save
     from .analysis import analyze
-    from .report import save_report
 
     say = print if not quiet else (lambda *a, **k: None)
     out = out or os.path.splitext(os.fspath(path))[0] + "-stemgpu.h5"
@@ -84,19 +92,45 @@ def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
         raise ValueError(f"--out {out}: would overwrite the input file")
     check_output_paths(out, figure)
     steps = tuple(steps)
-    source = _frame_source(os.fspath(path), pixel_size) if "demons" not in steps \
-        and "rigid" in steps else None
+    source = _frame_source(os.fspath(path), pixel_size) if "rigid" in steps else None
     ds = source if source is not None else read_input(os.fspath(path), pixel_size=pixel_size)
-    steps = _steps_for(ds, steps, path, say)
-    if source is not None:
-        say(f"{path}: streaming the frames from disk (only the registered mean is kept)")
-    atoms = {"contrast": contrast} if "atoms" in steps and contrast != "bright" else {}
     try:
-        analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                           progress=not quiet, **({"atoms": atoms} if atoms else {}))
-    finally:
+        steps = _steps_for(ds, steps, path, say)
+        if source is not None:
+            kept = ("the demons frames go to a temporary store next to the results"
+                    if "demons" in steps else "only the registered mean is kept")
+            say(f"{path}: streaming the frames from disk ({kept})")
+        atoms = {"contrast": contrast} if "atoms" in steps and contrast != "bright" else {}
+        kw = {"atoms": atoms} if atoms else {}
+        if scheduler is not None:
+            from .distributed import cluster_client
+
+            with cluster_client(scheduler, workers=workers, say=say) as client:
+                analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
+                                   progress=not quiet, client=client,
+                                   scratch_dir=os.path.dirname(os.path.abspath(out)), **kw)
+        else:
+            analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
+                               progress=not quiet,
+                               scratch_dir=os.path.dirname(os.path.abspath(out)), **kw)
+    except BaseException:
         if source is not None:
             source.close()
+        raise
+    with analysis:  # removes the demons frame store of a streamed run when done
+        try:
+            return _report(analysis, ds, path, out, figure, say)
+        finally:
+            if source is not None:
+                source.close()
+
+
+def _report(analysis, ds, path, out, figure, say) -> int:
+    """Print the summary, save the results and the figure; the exit code."""
+    from ..backend import to_host
+    from ..io.results import save
+    from .report import save_report
+
     say(f"{path}: {tuple(ds.shape)} at {analysis.pixel_size_pm:g} pm/px")
     if analysis.atoms is not None and "contrast_note" in analysis.atoms.parameters:
         say(f"{path}: {analysis.atoms.parameters['contrast_note']}")

@@ -1,7 +1,8 @@
 """The stages of :func:`stemgpu.analyze`, one function each, on the results of the earlier ones.
 
 ``prepare_input`` (validation, calibration, backend) -> ``rigid_stage`` (registration and
-drift; a lazy stack is streamed and only its registered mean kept) -> ``demons_stage`` ->
+drift; a lazy stack is streamed and only its registered mean kept) -> ``demons_stage`` (a
+streamed stack: ``streamed_demons_stage``, batch by batch into a temporary frame store) ->
 ``registered_mean`` -> ``atoms_stage`` (find, fit, label, O columns, refit) -> ``cells_stage``
 (unit cells and their statistics). Each raises :class:`~stemgpu.app.errors.AnalysisError`
 when it ran but found nothing usable.
@@ -19,8 +20,10 @@ from .._inputs import as_image, as_stack, is_frame_source, is_sidpy_dataset, res
 from ..backend import Backend, resolve_backend, to_host
 from .errors import AnalysisError
 
-__all__ = ["Prepared", "RegisteredFrames", "atoms_stage", "cells_stage", "demons_stage",
-           "prepare_input", "registered_mean", "rigid_stage", "track_stage"]
+__all__ = ["DEMONS_BATCH_BYTES", "DEMONS_BYTES_PER_PIXEL", "STREAM_BATCH_BYTES", "Prepared",
+           "RegisteredFrames",
+           "atoms_stage", "cells_stage", "demons_batch_size", "demons_stage", "prepare_input",
+           "registered_mean", "rigid_stage", "streamed_demons_stage", "track_stage"]
 
 _FIT_OPTIONS = ("model", "estimator", "window", "max_iter", "counts_per_unit")
 _A_CELL_OPTIONS = ("angle_tolerance_deg", "side_tolerance", "parallelogram_tolerance")
@@ -35,7 +38,7 @@ class Prepared:
     pixel_size_pm: float
     shape: tuple[int, ...]
     frame_time_s: float | None
-    streamed: bool  #: a lazy source, streamed through rigid registration
+    streamed: bool  #: a lazy source, streamed batch by batch through rigid and demons
 
 
 # ---------------------------------------------------------------------------- input
@@ -65,11 +68,11 @@ def _check_frame_source(stack, steps, pixel_size, backend):
     if len(stack.shape) != 3:
         raise ValueError(f"stack: a lazy source must be a (frames, rows, cols) stack; got "
                          f"shape {tuple(stack.shape)}")
-    if "demons" in steps or "rigid" not in steps:
+    if "rigid" not in steps:
         raise ValueError("steps: a lazy stack (e.g. stemgpu.open_frames) is analysed by "
-                         "streaming 'rigid' and keeping only the registered mean: use steps "
-                         "without 'demons' (e.g. ('rigid', 'atoms', 'cells')), or load it "
-                         "into memory first")
+                         "streaming it through 'rigid' (and 'demons'), which gives the "
+                         "registered mean the later steps use: include 'rigid' (e.g. "
+                         "('rigid', 'atoms', 'cells')), or load it into memory first")
     px = resolve_pixel_size(pixel_size, getattr(stack, "pixel_size_pm", None), required=True,
                             what="analyze")
     meta = dict(getattr(stack, "metadata", {}) or {})
@@ -111,6 +114,14 @@ def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mappi
     from ..registration.rigid import register_rigid
 
     be = prep.backend
+    options = dict(options)
+    if prep.streamed and not be.is_gpu and "batch_size" not in options:
+        # a streamed stack may be larger than memory: batches from the streaming budget
+        from ..registration.rigid import BYTES_PER_PIXEL
+
+        options["batch_size"] = be.frames_per_batch(prep.shape, BYTES_PER_PIXEL,
+                                                    cpu_cap=STREAM_BATCH_BYTES,
+                                                    max_frames=64)
     if client is None:
         register = register_rigid
     else:
@@ -173,6 +184,234 @@ def demons_stage(registered, flagged, be: Backend, options: Mapping[str, Any], p
         kept = kept.tolist()
     demons = register_demons(registered, progress=progress, backend=be, **options)
     return demons, kept
+
+
+#: Host memory per frame pixel of one streamed demons batch: the raw and rigidly shifted
+#: frames with their padded Fourier shift, demons' own working arrays (it states 160 B/px)
+#: and the host copies of the registered frame and field written to the store.
+DEMONS_BYTES_PER_PIXEL = 224
+#: Host memory one streamed demons batch may use on the CPU (the GPU takes a third of its
+#: free memory, as register_demons does).
+DEMONS_BATCH_BYTES = 128 * 2**20
+#: Host memory one rigid batch of a streamed stack may use on the CPU (register_rigid's own
+#: "auto" allows 256 MiB, more than a stack twice the memory limit leaves).
+STREAM_BATCH_BYTES = 64 * 2**20
+
+
+def demons_batch_size(shape, be: Backend, batch_size="auto") -> int:
+    """Frames per streamed demons batch: ``batch_size``, or what the memory budget allows.
+
+    On the CPU a batch holds at most :data:`DEMONS_BATCH_BYTES` (and an eighth of the
+    available memory) at :data:`DEMONS_BYTES_PER_PIXEL`; on a GPU a third of its free
+    memory. At least one frame, and at least one frame per CPU core when that fits twice
+    the budget (the cores then share a batch).
+    """
+    n = be.frames_per_batch(shape, DEMONS_BYTES_PER_PIXEL, batch_size=batch_size,
+                            gpu_fraction=1 / 3, cpu_fraction=0.125,
+                            cpu_cap=DEMONS_BATCH_BYTES)
+    if batch_size == "auto" and not be.is_gpu:
+        per_frame = DEMONS_BYTES_PER_PIXEL * int(shape[-2]) * int(shape[-1])
+        cores = max(1, int(be.cpu_workers))
+        if n < cores and cores * per_frame <= 2 * DEMONS_BATCH_BYTES:
+            n = min(int(shape[0]), cores)
+    return int(n)
+
+
+def _sum_in_order(acc, frames):
+    """``acc + frames[0] + frames[1] + ...`` in this order, in ``acc``'s dtype.
+
+    NumPy sums a stack over its frame axis one frame after the other, so adding batch after
+    batch this way gives the very bits of ``stack.sum(axis=0)`` (``stack.mean(axis=0)``
+    divides that by n): a streamed mean equals the in-memory one exactly.
+    """
+    if len(frames) == 0:
+        return acc
+    return np.concatenate([acc[None], frames.astype(acc.dtype, copy=False)]).sum(axis=0)
+
+
+class _DemonsPass:
+    """One pass of streamed demons over every batch: what the stage keeps of each batch.
+
+    The per-frame records (metrics, iterations, flags, histories) are small and kept in
+    memory; the registered frames go to the store (the fields only on the last pass, with
+    ``keep_fields``); the sums of the registered frames (all of them, and the unflagged
+    ones) are float32, added frame after frame in frame order, the order and precision of
+    ``register_demons`` and ``registered.mean(axis=0)`` in memory (so the streamed means
+    are bit-identical to them).
+    """
+
+    def __init__(self, n, shape, store, keep_fields):
+        self.n, self.store, self.keep_fields = n, store, keep_fields
+        self.sum_all = np.zeros(shape, dtype=np.float32)
+        self.sum_good = np.zeros(shape, dtype=np.float32)
+        self.records: list = []
+        self.bad = np.zeros(n, dtype=bool)
+        self._next = 0  # first frame whose batch is not yet in the sums
+        self._ready: dict = {}  # start -> stop of batches written, not yet summed
+
+    def add(self, start, res) -> None:
+        """Batch ``res`` (a :class:`DemonsResult` of host arrays) of frames ``start:``.
+
+        Batches may arrive in any order (dask tasks): each is written to the store at
+        once and summed when every earlier batch is (read back from the store when it came
+        early), so the means do not depend on which finished first.
+        """
+        start = int(start)
+        reg = np.asarray(res.registered)
+        bad = np.asarray(res.flagged, dtype=bool)
+        stop = start + len(reg)
+        self.bad[start:stop] = bad
+        self.store.write("registered", start, reg)
+        if self.keep_fields:
+            self.store.write("displacement", start, np.asarray(res.displacement))
+        self.records.append((start, res.metric_before, res.metric_after, res.metric_history,
+                             res.update_history, res.iterations, bad, res.parameters))
+        self._ready[start] = stop
+        while self._next in self._ready:
+            a = self._next
+            b = self._ready.pop(a)
+            frames = reg if a == start else self.store.read("registered", a, b)
+            self.sum_all = _sum_in_order(self.sum_all, frames)
+            self.sum_good = _sum_in_order(self.sum_good, frames[~self.bad[a:b]])
+            self._next = b
+
+    def merged(self):
+        """The per-frame records in frame order, and the batch size register_demons used."""
+        recs = sorted(self.records, key=lambda r: r[0])
+        cat = [np.concatenate([np.asarray(r[k]) for r in recs], axis=-1) for k in range(1, 7)]
+        return cat, recs[0][7]
+
+
+def _demons_on_batch(frames, start, stop, reference, options, backend):
+    """``register_demons`` of frames ``start:stop`` of ``frames`` onto ``reference``
+    (host arrays out): the unit of work of the streamed demons stage, in process or as a
+    dask task (``frames`` then pickles to a file reference and is read in the worker)."""
+    from ..backend import resolve_backend
+    from ..registration.demons import register_demons
+
+    be = resolve_backend(backend)
+    raw = frames[start:stop]
+    res = register_demons(raw, reference=reference, progress=False, backend=be, **options)
+    return res.to_numpy()
+
+
+def _frames_mean(frames, batch, progress, progress_bar):
+    """``frames[:].mean(axis=0)`` (float32) read batch by batch: the same bits."""
+    n, h, w = frames.shape
+    acc = np.zeros((h, w), dtype=np.float32)
+    starts = range(0, n, batch)
+    bar = progress_bar(progress, total=len(starts), desc="demons reference", unit="batch",
+                       leave=False)
+    try:
+        for a in starts:
+            acc = _sum_in_order(acc, frames[a:a + batch])
+            bar.update(1)
+    finally:
+        bar.close()
+    return acc / n
+
+
+def streamed_demons_stage(prep: Prepared, rigid, options: Mapping[str, Any],
+                          progress: bool, *, store_dir=None, client=None):
+    """Demons registration of a streamed stack, frame batch by frame batch.
+
+    The rigidly registered frames are read from the lazy source and shifted one batch at a
+    time (:class:`RegisteredFrames`; frames flagged by rigid registration stay out, as in
+    memory). A first pass sums them into their float32 mean, the reference
+    ``register_demons`` makes of an in-memory stack; then each batch is registered onto it
+    with ``register_demons(batch, reference=mean)`` (each frame depends only on itself and
+    the reference), and the registered frames (and, with ``keep_fields``, the displacement
+    fields) are written to a :class:`~stemgpu.io.store.FrameStore` in ``store_dir``.
+    ``rounds > 1`` (without a ``reference`` option) re-averages the reference from the
+    unflagged registered frames between passes, as ``register_demons`` does. Every sum is
+    added frame after frame in frame order, in float32, as NumPy sums an in-memory stack,
+    so on NumPy the result is bit-identical to ``register_demons`` of the whole registered
+    stack. Nothing but a few batches, the reference and two sums is in memory at a time.
+
+    With a ``client`` each batch is a dask task that reads its own frames (at most
+    ``INFLIGHT`` per worker); the client writes the store.
+
+    Returns ``(demons, kept, mean_image)``: a ``DemonsResult`` whose ``registered`` and
+    ``displacement`` are lazy store-backed frame sources, the frames registered when rigid
+    flagged some (else None), and the float32 mean of all registered frames (what the
+    atom stage fits, as ``registered.mean(axis=0)`` in memory).
+    """
+    from .._progress import progress_bar
+    from ..io.store import FrameStore
+    from ..registration.demons import DemonsResult
+
+    be = prep.backend
+    flagged = to_host(rigid.flagged).astype(bool)
+    keep = np.flatnonzero(~flagged)
+    frames = RegisteredFrames(prep.data, rigid.shifts, rigid.parameters.get(
+        "order", "fourier"), keep, be, batch=rigid.parameters.get("batch_size"))
+    n, h, w = frames.shape
+    opts = dict(options)
+    batch = demons_batch_size(frames.shape, be, opts.pop("batch_size", "auto"))
+    from .._checks import check_int
+
+    rounds = check_int(opts.pop("rounds", 1), "rounds", minimum=1, maximum=100)
+    if "reference" in opts:  # as register_demons: a given reference is one round
+        rounds = 1
+    keep_fields = opts.get("keep_fields", True)
+    given = opts.pop("reference", None)
+    ranges = [(a, min(n, a + batch)) for a in range(0, n, batch)]
+    opts_b = {**opts, "batch_size": batch}
+    store = FrameStore(store_dir)
+    try:
+        ref = np.asarray(to_host(given), dtype=np.float32) if given is not None \
+            else _frames_mean(frames, batch, progress, progress_bar)
+        store.create("registered", (n, h, w), np.float32)
+        if keep_fields is True:
+            store.create("displacement", (n, 2, h, w), np.float32)
+        hists: list = []
+        for rnd in range(rounds):
+            last = rnd + 1 == rounds
+            run = _DemonsPass(n, (h, w), store, last and keep_fields is True)
+            desc = "demons" if rounds == 1 else f"demons round {rnd + 1}/{rounds}"
+            _run_demons_pass(run, frames, ranges, ref, opts_b, be, progress, desc, client,
+                             progress_bar)
+            (before, after, hist_m, hist_u, iters, bad), params = run.merged()
+            hists.append((hist_m, hist_u))  # (1, levels, iterations, n) each
+            n_good = int((~bad).sum())
+            new_mean = run.sum_good / np.int64(max(n_good, 1))  # float64, as in memory
+            if not last:
+                ref = new_mean.astype(np.float32)
+        store.finish()
+    except BaseException:
+        store.close()
+        raise
+    params = {**params, "rounds": rounds, "batch_size": batch, "streamed": True,
+              "reference": "given" if given is not None else "mean",
+              "backend": be.name}
+    demons = DemonsResult(
+        registered=store.array("registered"),
+        displacement=store.array("displacement") if keep_fields is True else None,
+        reference=be.asarray(ref), mean=be.asarray(new_mean),
+        metric_before=be.asarray(before), metric_after=be.asarray(after),
+        metric_history=be.asarray(np.concatenate([m for m, _ in hists])),
+        update_history=be.asarray(np.concatenate([u for _, u in hists])),
+        iterations=be.asarray(iters), flagged=be.asarray(bad), parameters=params)
+    mean_image = be.asarray((run.sum_all / n).astype(np.float32))
+    kept = keep.tolist() if flagged.any() else None
+    return demons, kept, mean_image, store
+
+
+def _run_demons_pass(run, frames, ranges, ref, opts, be, progress, desc, client,
+                     progress_bar):
+    if client is None:
+        bar = progress_bar(progress, total=len(ranges), desc=desc, unit="batch", leave=False)
+        try:
+            for a, b in ranges:
+                run.add(a, _demons_on_batch(frames, a, b, ref, opts, be.name))
+                bar.update(1)
+        finally:
+            bar.close()
+        return
+    from .distributed import demons_batches_on
+
+    demons_batches_on(client, run, frames, ranges, ref, opts, be.name, progress, desc,
+                      _demons_on_batch)
 
 
 def registered_mean(current, flagged, be: Backend):
@@ -362,20 +601,38 @@ def cells_stage(fit, species, px, options, names=None):
 class RegisteredFrames:
     """A lazy stack of rigidly registered frames: read from the source and shifted on access.
 
-    What ``track`` fits when the input was streamed (nothing but the mean was kept): frames
-    are read from the lazy source and shifted by their rigid shifts one batch at a time.
-    ``frames`` lists the source frames used (the unflagged ones).
+    What demons registers and ``track`` fits when the input was streamed (nothing but the
+    mean was kept): frames are read from the lazy source and shifted by their rigid shifts.
+    ``frames`` lists the source frames used (the unflagged ones). With ``batch`` (the rigid
+    batch size) frames are shifted in the batches of rigid registration's own last pass,
+    flagged frames included (the padding of a Fourier shift follows the largest shift of a
+    batch), so they are the bits of ``rigid.registered`` of an in-memory run; the last
+    shifted batch is cached, so reading batch after batch shifts each frame once.
     """
 
-    def __init__(self, source, shifts, order, frames, backend):
+    def __init__(self, source, shifts, order, frames, backend, batch=None):
         self.source, self.order, self.backend = source, order, backend
         self.frames = np.asarray(frames, dtype=np.int64)
-        self.shifts = np.asarray(shifts, dtype=float)[self.frames]
+        self.all_shifts = np.asarray(shifts, dtype=float)
+        self.shifts = self.all_shifts[self.frames]
+        self.batch = None if batch is None else max(1, int(batch))
         self.shape = (len(self.frames), *tuple(int(x) for x in source.shape[1:]))
         self.dtype = np.dtype(np.float32)
+        self._cache = None  # (rigid batch index, its shifted frames)
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __getstate__(self):
+        # the backend by name (a Backend holds modules): a dask task rebuilds it
+        state = dict(self.__dict__)
+        state["backend"] = self.backend.name
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.backend = resolve_backend(state["backend"])
 
     def __getitem__(self, key):
         from ..registration.rigid import apply_shifts
@@ -384,12 +641,36 @@ class RegisteredFrames:
             raise TypeError("RegisteredFrames supports frame slices only")
         sel = range(*key.indices(self.shape[0]))
         idx = self.frames[list(sel)]
+        if self.batch is not None:
+            return self._on_rigid_grid(idx)
         raw = np.asarray(self.source[int(idx[0]):int(idx[-1]) + 1], dtype=np.float32) \
             if len(idx) else np.empty((0, *self.shape[1:]), np.float32)
         raw = raw[idx - idx[0]] if len(idx) else raw
         moved = apply_shifts(raw, self.shifts[list(sel)], order=self.order,
                              backend=self.backend)
         return to_host(moved).astype(np.float32, copy=False)
+
+    def _on_rigid_grid(self, idx):
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        which = idx // self.batch
+        for k in np.unique(which):
+            rows = np.flatnonzero(which == k)
+            out[rows] = self._shifted_batch(int(k))[idx[rows] - int(k) * self.batch]
+        return out
+
+    def _shifted_batch(self, k):
+        """Rigid batch ``k`` of the source, every frame shifted (host float32)."""
+        from ..registration.rigid import apply_shifts
+
+        if self._cache is not None and self._cache[0] == k:
+            return self._cache[1]
+        self._cache = None  # free the old batch first
+        a, b = k * self.batch, min(int(self.source.shape[0]), (k + 1) * self.batch)
+        raw = np.asarray(self.source[a:b], dtype=np.float32)
+        moved = to_host(apply_shifts(raw, self.all_shifts[a:b], order=self.order,
+                                     backend=self.backend)).astype(np.float32, copy=False)
+        self._cache = (k, moved)
+        return moved
 
 
 def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[str, Any],
@@ -423,7 +704,7 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
         frames = demons.registered  # demons registered the unflagged frames only
     elif prep.streamed:
         frames = RegisteredFrames(prep.data, rigid.shifts, rigid.parameters.get(
-            "order", "fourier"), keep, prep.backend)
+            "order", "fourier"), keep, prep.backend, batch=rigid.parameters.get("batch_size"))
     else:
         frames = rigid.registered if not flagged.any() \
             else rigid.registered[prep.backend.asarray(keep)]
@@ -449,7 +730,8 @@ def track_stage(prep: Prepared, rigid, demons, fit, species, options: Mapping[st
         series = frame_series(tracks, pixel_size=prep.pixel_size_pm, species=corner,
                               cell_options={k: v for k, v in cells_options.items()
                                             if k in _A_CELL_OPTIONS},
-                              **{k: options[k] for k in series_keys if k in options})
+                              **{k: options[k] for k in ("min_cells", "alpha")
+                                 if k in options})
     except ValueError as exc:
         tracks.parameters["frame_series"] = f"not measured: {exc}"
         series = None

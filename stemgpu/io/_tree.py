@@ -55,6 +55,30 @@ def is_array(obj: Any) -> bool:
 # ---------------------------------------------------------------------------- writing
 
 
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _image_axes(shape, pixel_size_pm):
+    """(name, values, units, quantity, dimension type) per axis, as ``to_dataset`` makes
+    them: a frame index for a stack, then y and x in nm (in pixels without a pixel size)."""
+    axes = []
+    if len(shape) == 3:
+        axes.append(("frame", np.arange(shape[0], dtype=float), "frame", "time", "TEMPORAL"))
+    for name, n in (("y", shape[-2]), ("x", shape[-1])):
+        if pixel_size_pm is None:
+            axes.append((name, np.arange(n, dtype=float), "pixel", "distance", "SPATIAL"))
+        else:  # float64: n * scale stays exact to well below a pm over thousands of pixels
+            axes.append((name, np.arange(n, dtype=np.float64) * (pixel_size_pm / 1000.0), "nm",
+                         "distance", "SPATIAL"))
+    return axes
+
+
 def _needs_group(obj: Any) -> bool:
     """Containers that hold dataclasses, sidpy Datasets or large arrays become groups."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -194,20 +218,66 @@ class Writer:
         return main
 
     def image_field(self, group, name, value, owner, where) -> dict:
-        from .sidpy_io import to_dataset
-
         px = getattr(owner, "pixel_size_pm", None)
         px = float(px) if isinstance(px, int | float | np.floating) and px and px > 0 else None
-        if is_cupy_array(value):  # a lazy array stays lazy: to_dataset reads it on demand
+        if is_cupy_array(value):  # a lazy array stays lazy: copied frame batch by batch
             self.backends.add("cupy")
             value = to_host(value)
         # "result['rigid'].registered" -> "rigid_registered"
         title = re.sub(r"[^0-9A-Za-z]+", "_", where.removeprefix("result")).strip("_") or name
-        ds = to_dataset(value, pixel_size=px, title=title,
-                        metadata={"stemgpu_result_path": where})
-        main = self.nsid(ds, title)
+        main = self.nsid_array(value, title, px)
         group[name] = main  # hard link: one copy of the data, two names
         return {"tag": "array", "nsid": main.name}
+
+    def nsid_array(self, value, title: str, pixel_size_pm: float | None):
+        """An image or stack written in pyNSID's layout by h5py alone.
+
+        What ``pyNSID.hdf_io.write_nsid_dataset`` writes for
+        :func:`stemgpu.io.sidpy_io.to_dataset` of the array (the group and main dataset
+        with their book-keeping attributes, one dimension-scale dataset per axis attached
+        to the main dataset, the sidpy provenance group), without importing sidpy, pyNSID
+        or dask: their imports alone take ~300 MB of memory, more than a streamed analysis
+        of a large stack may use. A lazy array is copied frame batch by batch.
+        """
+        import platform
+        import socket
+        import time
+        from datetime import datetime
+
+        group = self.fh.require_group("Measurement_000").create_group(
+            f"Channel_{self.channels:03d}")
+        self.channels += 1
+        safe = "".join(c if c.isalnum() or c == "_" else "_" for c in title) or "data"
+        sub = group.create_group(safe)
+        book = {"machine_id": socket.getfqdn(), "timestamp": time.strftime("%Y_%m_%d-%H_%M_%S"),
+                "platform": platform.platform(), "sidpy_version": _version("sidpy"),
+                "pyNSID_version": _version("pyNSID")}
+        sub.attrs.update(book)
+        shape = tuple(int(s) for s in value.shape)
+        main = sub.create_dataset(safe, shape=shape, dtype=np.dtype(value.dtype))
+        if is_frame_source(value, memmap=False):
+            self._copy_frames(value, main)
+        else:
+            main[...] = np.asarray(value)
+        scales = []
+        for axis, (dim, values, units, quantity, kind) in enumerate(
+                _image_axes(shape, pixel_size_pm)):
+            dset = sub.create_dataset(dim, data=values)
+            dset.attrs.update({"name": dim, "units": units, "quantity": quantity,
+                               "dimension_type": kind})
+            scales.append((axis, dim, dset))
+        main.attrs.update({"quantity": "intensity", "units": "counts",
+                           "main_data_name": title,
+                           "data_type": "IMAGE_STACK" if len(shape) == 3 else "IMAGE",
+                           "modality": "generic", "source": "generic", **book})
+        prov = sub.create_group("provenance").create_group("sidpy")
+        prov.attrs["from_array_"] = f"_{book['sidpy_version']}_{datetime.now()}".replace(
+            " ", "-")
+        for axis, dim, dset in scales:  # pyNSID's link_as_main
+            dset.make_scale(dim)
+            main.dims[axis].label = dim
+            main.dims[axis].attach_scale(dset)
+        return main
 
     def sidpy(self, group, name, dataset, where) -> dict:
         main = self.nsid(dataset, str(getattr(dataset, "title", "") or name))
