@@ -483,6 +483,11 @@ def test_files_written_before_the_app_move_still_load():
         for key, value in row.items():
             if isinstance(value, float) and math.isnan(value):
                 assert math.isnan(want[key]), (name, key)
+            elif isinstance(value, float):
+                # The rows are recomputed from the loaded arrays (which are exact, above):
+                # the drift fit's least squares differ in the last bit with the BLAS build
+                # and its thread count.
+                assert value == pytest.approx(want[key], rel=1e-12, abs=0.0), (name, key)
             else:
                 assert value == want[key], (name, key)
     assert analysis.summary(as_text=True) == expected["summary_text"]
