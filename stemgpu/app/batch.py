@@ -76,17 +76,20 @@ def analyse_file(job: dict) -> dict:
     try:
         steps = tuple(job["steps"])
         pixel_size = job.get("pixel_size")
-        if "rigid" in steps and "demons" not in steps:
+        if "rigid" in steps:  # streamed from disk through every step (as stemgpu run)
             source = _frame_source(path, pixel_size)
         ds = source if source is not None else read_input(path, pixel_size=pixel_size)
         steps = _steps_for(ds, steps, path, lambda *a, **k: None)
         shape = tuple(ds.shape)
-        analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=job.get("backend"),
-                           progress=False)
+        # A streamed demons step keeps its frames in a temporary store next to the results,
+        # removed when the results are saved.
+        with analyze(ds, pixel_size=pixel_size, steps=steps, backend=job.get("backend"),
+                     progress=False,
+                     scratch_dir=os.path.dirname(os.path.abspath(out))) as analysis:
+            save(analysis, out, overwrite=True, source=path)
         if source is not None:
             source.close()
             source = None
-        save(analysis, out, overwrite=True, source=path)
     except Exception as exc:  # reported in the row; the other files go on
         if source is not None:
             source.close()
