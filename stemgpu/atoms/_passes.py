@@ -142,7 +142,10 @@ def reference_pass(engine, cols, ref_nat, gain):
     xp = cols.xp
     ok = xp.isfinite(ref_nat).all(axis=1)
     nat = xp.where(ok[:, None], ref_nat, cols.init)
-    offset = neighbour_offsets(cols.iso, xp.where(ok[:, None], ref_nat, xp.nan), cols, ok)
+    peaks = xp.where(ok[:, None], ref_nat, xp.nan)
+    offset = shared_offsets(cols.iso, peaks, cols, ok)
+    if offset is None:
+        offset = neighbour_offsets(cols.iso, peaks, cols, ok)
     out = engine.fit(cols.windows, cols.origins, nat, model=cols.iso, gain=gain, offset=offset,
                      frame_index=cols.fit_frames)
     return out, offset
@@ -333,9 +336,10 @@ def edge_peaks(cols, nat, ok, fitted):
     Their flux reaches the windows of the next columns inwards; left out of the neighbour
     model it pulls those columns outwards (measured on a noise-free SrTiO3 image: O columns
     one cell from the edge 0.88 px off without these peaks). Amplitude from the 3 x 3 mean
-    at the given position minus the fitted peaks there (``fitted``, (F, H, W)) and the median
-    fitted background (the background minus that mean for dips: ``cols.iso.sign`` -1); width
-    the median fitted width. Returns (params, frames).
+    at the given position minus the fitted peaks there (``fitted``, (F, H, W), or (1, H, W)
+    when they are the same in every frame) and the median fitted background (the background
+    minus that mean for dips: ``cols.iso.sign`` -1); width the median fitted width. Returns
+    (params, frames).
     """
     xp, stack, pos, frames = cols.xp, cols.stack, cols.positions, cols.frames
     f_n, h, w = stack.shape
@@ -352,7 +356,8 @@ def edge_peaks(cols, nat, ok, fitted):
     rr = xp.clip(r0[:, 0, None, None] + d[None, :, None], 0, h - 1)
     cc = xp.clip(r0[:, 1, None, None] + d[None, None, :], 0, w - 1)
     fr = frames[rows][:, None, None]
-    peak = (stack[fr, rr, cc].astype(xp.float64) - fitted[fr, rr, cc]).mean(axis=(1, 2))
+    fr_fit = fr if fitted.shape[0] == f_n else xp.zeros_like(fr)  # one shared frame
+    peak = (stack[fr, rr, cc].astype(xp.float64) - fitted[fr_fit, rr, cc]).mean(axis=(1, 2))
     bg = float(xp.median(nat[ok, ISO.background]))
     amp = xp.maximum(cols.iso.sign * (peak - bg), 0.0)
     sig = xp.full(amp.shape, float(xp.median(nat[ok, ISO.widths[0]])))
@@ -367,19 +372,68 @@ def neighbour_offsets(mdl, nat, cols, ok):
     :func:`edge_peaks`; ``ok`` marks the fits trusted for their median width and background).
     """
     xp, k, shape = cols.xp, cols.k, cols.stack.shape
-    good = xp.isfinite(nat).all(axis=1)
-    sig_max = float(xp.nanmax(xp.where(good[:, None], nat[:, list(mdl.widths)], xp.nan)))
-    radius = render_radius(k, min(sig_max, k))
+    radius = _radius(mdl, nat, k, xp)
     full = render_peaks(mdl, nat, cols.fit_frames, shape, radius, xp)
     extra = edge_peaks(cols, nat, ok, full)
     if extra is not None and int(extra[0].shape[0]):
         full += render_peaks(mdl, extra[0], extra[1], shape, radius, xp)
     wins = extract_windows(full, cols.fit_frames, cols.origins, k, xp)
-    yy, xx = window_grid(k, xp)
-    t = mdl.to_internal(xp.where(good[:, None], nat, 1.0), cols.org, 1.0, xp)
+    return wins - own_peaks(mdl, nat, cols.org, k, xp)
+
+
+def shared_offsets(mdl, nat, cols, ok):
+    """:func:`neighbour_offsets` for peaks that are the same in every frame (the reference
+    fit of :func:`reference_pass`), rendered once instead of once per frame; None where
+    that does not hold.
+
+    It holds when every frame fits the same columns at the same given positions with the
+    same ``nat``: the offsets of frame 0's windows then serve every frame, and only the
+    guessed edge peaks (their amplitude is read from each frame) are rendered per frame.
+    The offsets equal :func:`neighbour_offsets`'s up to rounding (the same terms, summed in
+    another grouping).
+    """
+    xp, k = cols.xp, cols.k
+    f_n, h, w = cols.stack.shape
+    m_total, m = int(cols.status.shape[0]), int(cols.idx.shape[0])
+    if f_n < 2 or m_total % f_n or m % f_n:
+        return None
+    n, m0 = m_total // f_n, m // f_n
+    fitted = (cols.status == -1).reshape(f_n, n)
+    pos = cols.positions.reshape(f_n, n, 2)
+    # NaN positions fail the comparison and take the general path (as they should: they are
+    # not fitted and their frames may differ).
+    if not bool((fitted == fitted[:1]).all()) or not bool((pos == pos[:1]).all()):
+        return None
+    same = nat.reshape(f_n, m0, -1)
+    if not bool(((same == same[:1]) | (xp.isnan(same) & xp.isnan(same[:1]))).all()):
+        return None
+    radius = _radius(mdl, nat, k, xp)
+    nat0, zero = nat[:m0], xp.zeros(m0, dtype=xp.int64)
+    full = render_peaks(mdl, nat0, zero, (1, h, w), radius, xp)
+    wins = extract_windows(full, zero, cols.origins[:m0], k, xp)
+    offset = xp.tile(wins - own_peaks(mdl, nat0, cols.org[:m0], k, xp), (f_n, 1, 1))
+    extra = edge_peaks(cols, nat, ok, full)
+    if extra is not None and int(extra[0].shape[0]):
+        edge = render_peaks(mdl, extra[0], extra[1], cols.stack.shape, radius, xp)
+        offset += extract_windows(edge, cols.fit_frames, cols.origins, k, xp)
+    return offset
+
+
+def _radius(mdl, nat, k, xp):
+    """Render radius for peaks ``nat`` on k x k windows (see :func:`render_radius`)."""
+    good = xp.isfinite(nat).all(axis=1)
+    sig_max = float(xp.nanmax(xp.where(good[:, None], nat[:, list(mdl.widths)], xp.nan)))
+    return render_radius(k, min(sig_max, k))
+
+
+def own_peaks(mdl, nat, org, k, xp):
+    """Each row's own peak (background excluded) on its k x k window, (M, k, k); 0 for rows
+    with non-finite parameters (they are not rendered either)."""
+    good = xp.isfinite(nat).all(axis=1)
+    t = mdl.to_internal(xp.where(good[:, None], nat, 1.0), org, 1.0, xp)
     t[:, mdl.background] = 0.0
-    own = mdl.value(t, yy, xx, xp).reshape(-1, k, k)
-    return wins - xp.where(good[:, None, None], own, 0.0)
+    own = mdl.value_on_grid(t, k, xp).reshape(-1, k, k)
+    return xp.where(good[:, None, None], own, 0.0)
 
 
 def gain_from(mdl, out, cols, offset):
