@@ -37,7 +37,6 @@ from .models import (
     OUT_OF_BOUNDS,
     SINGULAR,
     get_model,
-    window_grid,
     with_contrast,
 )
 from .windows import extract_windows, render_peaks, render_radius, window_origins
@@ -443,9 +442,8 @@ def gain_from(mdl, out, cols, offset):
     good = out.status == CONVERGED
     if not bool(good.any()):
         return None
-    yy, xx = window_grid(cols.k, xp)
     t = mdl.to_internal(xp.where(good[:, None], out.params, 1.0), cols.org, 1.0, xp)
-    mu = mdl.value(t, yy, xx, xp)
+    mu = mdl.value_on_grid(t, cols.k, xp)
     if offset is not None:
         mu = mu + offset.reshape(mu.shape)
     wins = cols.windows
