@@ -32,6 +32,12 @@ ELLIPTICAL = 1
 
 # IEEE semantics (1/0 = inf, no exceptions from inside threads), as NumPy and CUDA.
 _JIT = {"cache": True, "fastmath": False, "nogil": True, "error_model": "numpy"}
+# The two per-pixel sums (objective; gradient and normal matrix) may be regrouped and fused
+# (reassociation and FMA contraction only: no finite-math or reciprocal shortcuts, so inf /
+# NaN tests and the validity rules hold). Their rounding then differs from the array
+# engine's by ~1e-16 relative, as NumPy's pairwise sums already do; measured 22 % less time
+# per normal-matrix evaluation (31 x 31 window).
+_JIT_SUM = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 # --- per-fit factors of the models -------------------------------------------------------
@@ -103,7 +109,7 @@ def _pixel(model_id, pre, i, j, ey, ex, ry, rx, qy, qx, jac, want_jac):
 
 # --- objective and normal equations ------------------------------------------------------
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def _objective(model_id, est, t, k, dd, aux1, aux2, offs, pre, ey, ex, ry, rx, qy, qx, jac):
     """F(t): Poisson deviance (``aux1`` = d where positive else 0, ``aux2`` = 1/d there else 1)
     or weighted chi-square (``aux1`` = 1 / max(d, 1)); +inf for MLE when any mu <= 0."""
@@ -141,7 +147,7 @@ def _objective(model_id, est, t, k, dd, aux1, aux2, offs, pre, ey, ex, ry, rx, q
     return s_lin
 
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def _grad_hess_gauss(est, final, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, g, h):
     """Gradient and Fisher-scoring matrix (of F/2) of the isotropic model, scalar
     accumulators (the hot loop: 5 Jacobian terms and 15 products per pixel). ``final``: the

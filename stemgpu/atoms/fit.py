@@ -175,6 +175,9 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         Detector gain (counts per data unit). Estimated from the variance-to-mean relation
         of the fit residuals when omitted; give it for data known to be in counts (``1``).
     max_iter : int
+        Iterations per fit. The plain pass before the neighbour refits of
+        ``neighbours="subtract"`` is provisional and stops at ``min(max_iter, 20)``
+        (``_passes.PROVISIONAL_ITER``): its fits only seed the neighbour model.
     tol : float
         Relative objective decrease that ends a fit.
     progress : bool
@@ -325,7 +328,8 @@ def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar, ref_na
         if estimate_gain:
             out, gain = passes.rescale_to_estimated_gain(mdl, out, cols, offset, gain)
         return out, fixed_rows, gain
-    out = passes.plain_pass(engine, cols, gain)
+    out = passes.plain_pass(engine, cols, gain, max_iter=passes.PROVISIONAL_ITER
+                            if neighbours == "subtract" else None)
     bar.update(1)
     offset = None
     fixed_rows = cols.xp.zeros(out.status.shape, dtype=bool)
