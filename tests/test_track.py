@@ -196,3 +196,30 @@ def test_frame_batches_and_lazy_sources_give_the_same_tracks(tmp_path):
     ok = batched.status == 0
     z = np.abs(batched.positions - whole.positions)[ok] / whole.position_errors[ok]
     assert z.max() < 0.05, z.max()
+
+
+def test_edge_columns_enter_every_frames_neighbour_model():
+    """The mean's columns too close to the edge for a window are not tracked but stay in each
+    frame's neighbour model (as guessed edge peaks, as in the mean's own fit): without them the
+    first O row inside the edge is pulled towards the missing flux (measured on 20 x 512^2:
+    per-frame O RMS 1.2 px at 10-15 px from the edge, 0.55 px with them)."""
+    import dataclasses
+
+    from stemgpu.atoms.models import OUT_OF_BOUNDS
+
+    stack, truth = stemgpu.simulate_stack((10, 200, 200), dose=200, seed=10)
+    vis = truth.visible(0, margin=0)
+    mean_fit = fit_atoms(stack.mean(axis=0), truth.image_positions(0)[vis])
+    assert (np.asarray(mean_fit.status) == OUT_OF_BOUNDS).any()
+    ok = np.asarray(mean_fit.status) == 0
+    true, species = truth.image_positions(0)[vis][ok], truth.species[vis][ok]
+    near = (species == "O") & (np.minimum(true, 199 - true).min(axis=1) < 20)
+    rms = {}
+    for name, ref in (("with", mean_fit), ("without", dataclasses.replace(
+            mean_fit, given_positions=None))):
+        tracks = track_columns(stack, ref, species=truth.species[vis], counts_per_unit=1)
+        assert tracks.positions.shape == (10, ok.sum(), 2)
+        err = tracks.positions[:, near] - true[near][None]
+        fitted = tracks.status[:, near] == 0
+        rms[name] = float(np.sqrt(np.mean(err[fitted] ** 2)))
+    assert rms["with"] < 0.7 * rms["without"], rms  # measured 0.47 vs 1.15 px

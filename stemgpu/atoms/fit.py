@@ -63,6 +63,10 @@ class AtomFit(HostCopyMixin):
         free-width O fits) and 19 of them more than 1 px off the truth.
     parameters : dict
         The options used.
+    given_positions : (..., 2) float64
+        The start positions as given, also for the columns not fitted (whose ``positions``
+        are NaN): e.g. the columns too close to the edge for a window, which the neighbour
+        model of a later fit (:func:`stemgpu.track_columns`) still needs.
     """
 
     positions: Any
@@ -77,6 +81,7 @@ class AtomFit(HostCopyMixin):
     counts_per_unit: float
     width_fixed: Any = None
     parameters: dict = field(default_factory=dict)
+    given_positions: Any = None
 
     @property
     def converged(self):
@@ -400,4 +405,5 @@ def _assemble(cols, out, fixed_rows, mdl, lead, gain, parameters) -> AtomFit:
         param_errors=errors, covariance=cov.reshape(*lead, p, p),
         param_names=mdl.param_names, chi2=chi2.reshape(lead), n_iter=n_iter.reshape(lead),
         status=status.reshape(lead), counts_per_unit=float(gain),
-        width_fixed=width_fixed.reshape(lead), parameters=parameters)
+        width_fixed=width_fixed.reshape(lead), parameters=parameters,
+        given_positions=cols.positions.reshape(*lead, 2))
