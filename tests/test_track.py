@@ -223,3 +223,32 @@ def test_edge_columns_enter_every_frames_neighbour_model():
         fitted = tracks.status[:, near] == 0
         rms[name] = float(np.sqrt(np.mean(err[fitted] ** 2)))
     assert rms["with"] < 0.7 * rms["without"], rms  # measured 0.47 vs 1.15 px
+
+
+def test_shared_reference_offsets_equal_the_per_frame_rendering():
+    """The reference pass renders the reference's peaks once for all frames (and only the
+    guessed edge peaks per frame): the offsets must equal those rendered frame by frame."""
+    from stemgpu.atoms import _passes as passes
+
+    stack, truth = stemgpu.simulate_stack((5, 160, 160), dose=200, seed=4)
+    vis = truth.visible(0, margin=0)
+    mean_fit = fit_atoms(stack.mean(axis=0), truth.image_positions(0)[vis])
+    f_n, n = stack.shape[0], int(vis.sum())
+    pos = np.broadcast_to(mean_fit.given_positions, (f_n, n, 2))
+    cols = passes.prepare_columns(stack, pos, mean_fit.parameters["window"], 3.4, np,
+                                  passes.ISO)
+    assert (cols.status == passes.OUT_OF_BOUNDS).any()  # edge peaks are part of the check
+    ref = np.tile(mean_fit.params, (f_n, 1))[cols.idx]
+    ok = np.isfinite(ref).all(axis=1)
+    peaks = np.where(ok[:, None], ref, np.nan)
+    shared = passes.shared_offsets(passes.ISO, peaks, cols, ok)
+    assert shared is not None
+    np.testing.assert_allclose(shared, passes.neighbour_offsets(passes.ISO, peaks, cols, ok),
+                               rtol=0, atol=1e-9 * float(np.abs(shared).max()))
+    # Per-frame positions that differ take the general path.
+    moved = pos.copy()
+    moved[1] += 0.3
+    cols2 = passes.prepare_columns(stack, moved, mean_fit.parameters["window"], 3.4, np,
+                                   passes.ISO)
+    ref2 = np.tile(mean_fit.params, (f_n, 1))[cols2.idx]
+    assert passes.shared_offsets(passes.ISO, ref2, cols2, np.isfinite(ref2).all(axis=1)) is None

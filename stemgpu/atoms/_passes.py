@@ -425,7 +425,13 @@ def shared_offsets(mdl, nat, cols, ok):
     extra = edge_peaks(cols, nat, ok, full)
     if extra is not None and int(extra[0].shape[0]):
         edge = render_peaks(mdl, extra[0], extra[1], cols.stack.shape, radius, xp)
-        offset += extract_windows(edge, cols.fit_frames, cols.origins, k, xp)
+        # Edge peaks lie within k/2 of the border and reach ``radius`` further: only the
+        # windows in that band can see them.
+        reach = k + radius + 1
+        o = cols.origins
+        near = xp.nonzero((o[:, 0] < reach) | (o[:, 1] < reach) | (o[:, 0] + k > h - reach)
+                          | (o[:, 1] + k > w - reach))[0]
+        offset[near] += extract_windows(edge, cols.fit_frames[near], o[near], k, xp)
     return offset
 
 
