@@ -381,15 +381,17 @@ def _fit_one(m, model_id, est, win, offset, has_off, fixed, has_fixed, origins, 
     active = math.isfinite(f) and _valid(t, k, lay, log_smin, log_amin)
     if not active:
         st = st_div
+    stale = True  # g and h are those of t unless t moved (a rejected step leaves both)
     for it in range(max_iter):
         if not active:
             break
-        if model_id == GAUSSIAN:
+        if stale and model_id == GAUSSIAN:
             _grad_hess_gauss(est, False, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, g,
                              h)
-        else:
+        elif stale:
             _normal(model_id, est, 0, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, jac,
                     g, h, bmat)
+        stale = False
         if has_fixed:  # held parameters: zero gradient, identity rows (lm._fix)
             for a_ in range(npar):
                 if fixed[m, a_]:
@@ -426,6 +428,7 @@ def _fit_one(m, model_id, est, win, offset, has_off, fixed, has_fixed, origins, 
             for a_ in range(npar):
                 t[a_] = trial[a_]
             f = ft
+            stale = True
         lam = lam_new
         it_done = it + 1
         if conv or stuck:
