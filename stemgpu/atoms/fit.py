@@ -164,7 +164,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         registered mean): each window is then fitted once, started from the reference's
         parameters, with the reference's peaks of all other columns as the known neighbour
         model (instead of the neighbour passes; failed fits then get the held-width refit).
-        For the frames of a registered stack (:func:`stemgpu.track_columns`).
+        For the frames of a registered stack (:func:`stemgpu.track_columns`); when every
+        frame has the same positions, that model is rendered once for all frames.
     neighbours : {"subtract", "none"}
         ``"subtract"``: after a first pass, refit every window with the fitted peaks of all
         other columns added to its model as a known offset (a batched approximation of a

@@ -487,7 +487,10 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     started from the mean's parameters with the mean's fitted peaks of all other columns as
     the neighbour model (``fit_atoms(reference=...)``): the mean is better determined than any
     frame, so its neighbour model adds little noise to a frame's fit, and the fits start near
-    their end. Given plain positions, every frame gets ``fit_atoms``' own neighbour passes.
+    their end; the mean's columns too close to the image edge for a window are not tracked
+    but enter every frame's neighbour model as guessed edge peaks, as in the mean's own fit
+    (pass every column of the image to that fit). Given plain positions, every frame gets
+    ``fit_atoms``' own neighbour passes.
     Columns flagged by :func:`column_outliers` are left out of the
     frame motion and the calibration ratios. A calibration ratio above 1 means the frames
     scatter more than the error bars predict (unmodelled noise such as scan jitter left by
