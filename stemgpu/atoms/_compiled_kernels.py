@@ -32,6 +32,12 @@ ELLIPTICAL = 1
 
 # IEEE semantics (1/0 = inf, no exceptions from inside threads), as NumPy and CUDA.
 _JIT = {"cache": True, "fastmath": False, "nogil": True, "error_model": "numpy"}
+# The two per-pixel sums (objective; gradient and normal matrix) may be regrouped and fused
+# (reassociation and FMA contraction only: no finite-math or reciprocal shortcuts, so inf /
+# NaN tests and the validity rules hold). Their rounding then differs from the array
+# engine's by ~1e-16 relative, as NumPy's pairwise sums already do; measured 22 % less time
+# per normal-matrix evaluation (31 x 31 window).
+_JIT_SUM = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 # --- per-fit factors of the models -------------------------------------------------------
@@ -103,7 +109,7 @@ def _pixel(model_id, pre, i, j, ey, ex, ry, rx, qy, qx, jac, want_jac):
 
 # --- objective and normal equations ------------------------------------------------------
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def _objective(model_id, est, t, k, dd, aux1, aux2, offs, pre, ey, ex, ry, rx, qy, qx, jac):
     """F(t): Poisson deviance (``aux1`` = d where positive else 0, ``aux2`` = 1/d there else 1)
     or weighted chi-square (``aux1`` = 1 / max(d, 1)); +inf for MLE when any mu <= 0."""
@@ -141,7 +147,7 @@ def _objective(model_id, est, t, k, dd, aux1, aux2, offs, pre, ey, ex, ry, rx, q
     return s_lin
 
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def _grad_hess_gauss(est, final, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, g, h):
     """Gradient and Fisher-scoring matrix (of F/2) of the isotropic model, scalar
     accumulators (the hot loop: 5 Jacobian terms and 15 products per pixel). ``final``: the
@@ -375,15 +381,17 @@ def _fit_one(m, model_id, est, win, offset, has_off, fixed, has_fixed, origins, 
     active = math.isfinite(f) and _valid(t, k, lay, log_smin, log_amin)
     if not active:
         st = st_div
+    stale = True  # g and h are those of t unless t moved (a rejected step leaves both)
     for it in range(max_iter):
         if not active:
             break
-        if model_id == GAUSSIAN:
+        if stale and model_id == GAUSSIAN:
             _grad_hess_gauss(est, False, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, g,
                              h)
-        else:
+        elif stale:
             _normal(model_id, est, 0, t, k, dd, aux1, offs, pre, ey, ex, ry, rx, qy, qx, jac,
                     g, h, bmat)
+        stale = False
         if has_fixed:  # held parameters: zero gradient, identity rows (lm._fix)
             for a_ in range(npar):
                 if fixed[m, a_]:
@@ -420,6 +428,7 @@ def _fit_one(m, model_id, est, win, offset, has_off, fixed, has_fixed, origins, 
             for a_ in range(npar):
                 t[a_] = trial[a_]
             f = ft
+            stale = True
         lam = lam_new
         it_done = it + 1
         if conv or stuck:

@@ -63,6 +63,10 @@ class AtomFit(HostCopyMixin):
         free-width O fits) and 19 of them more than 1 px off the truth.
     parameters : dict
         The options used.
+    given_positions : (..., 2) float64
+        The start positions as given, also for the columns not fitted (whose ``positions``
+        are NaN): e.g. the columns too close to the edge for a window, which the neighbour
+        model of a later fit (:func:`stemgpu.track_columns`) still needs.
     """
 
     positions: Any
@@ -77,6 +81,7 @@ class AtomFit(HostCopyMixin):
     counts_per_unit: float
     width_fixed: Any = None
     parameters: dict = field(default_factory=dict)
+    given_positions: Any = None
 
     @property
     def converged(self):
@@ -159,7 +164,8 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         registered mean): each window is then fitted once, started from the reference's
         parameters, with the reference's peaks of all other columns as the known neighbour
         model (instead of the neighbour passes; failed fits then get the held-width refit).
-        For the frames of a registered stack (:func:`stemgpu.track_columns`).
+        For the frames of a registered stack (:func:`stemgpu.track_columns`); when every
+        frame has the same positions, that model is rendered once for all frames.
     neighbours : {"subtract", "none"}
         ``"subtract"``: after a first pass, refit every window with the fitted peaks of all
         other columns added to its model as a known offset (a batched approximation of a
@@ -175,6 +181,9 @@ def fit_atoms(image_or_stack, positions, *, model="gaussian", window=None, sigma
         Detector gain (counts per data unit). Estimated from the variance-to-mean relation
         of the fit residuals when omitted; give it for data known to be in counts (``1``).
     max_iter : int
+        Iterations per fit. The plain pass before the neighbour refits of
+        ``neighbours="subtract"`` is provisional and stops at ``min(max_iter, 20)``
+        (``_passes.PROVISIONAL_ITER``): its fits only seed the neighbour model.
     tol : float
         Relative objective decrease that ends a fit.
     progress : bool
@@ -325,7 +334,8 @@ def _fit_columns(engine, cols, mdl, neighbours, gain, estimate_gain, bar, ref_na
         if estimate_gain:
             out, gain = passes.rescale_to_estimated_gain(mdl, out, cols, offset, gain)
         return out, fixed_rows, gain
-    out = passes.plain_pass(engine, cols, gain)
+    out = passes.plain_pass(engine, cols, gain, max_iter=passes.PROVISIONAL_ITER
+                            if neighbours == "subtract" else None)
     bar.update(1)
     offset = None
     fixed_rows = cols.xp.zeros(out.status.shape, dtype=bool)
@@ -396,4 +406,5 @@ def _assemble(cols, out, fixed_rows, mdl, lead, gain, parameters) -> AtomFit:
         param_errors=errors, covariance=cov.reshape(*lead, p, p),
         param_names=mdl.param_names, chi2=chi2.reshape(lead), n_iter=n_iter.reshape(lead),
         status=status.reshape(lead), counts_per_unit=float(gain),
-        width_fixed=width_fixed.reshape(lead), parameters=parameters)
+        width_fixed=width_fixed.reshape(lead), parameters=parameters,
+        given_positions=cols.positions.reshape(*lead, 2))

@@ -487,7 +487,10 @@ def track_columns(stack, positions, *, species=None, sigma=None, window=None,
     started from the mean's parameters with the mean's fitted peaks of all other columns as
     the neighbour model (``fit_atoms(reference=...)``): the mean is better determined than any
     frame, so its neighbour model adds little noise to a frame's fit, and the fits start near
-    their end. Given plain positions, every frame gets ``fit_atoms``' own neighbour passes.
+    their end; the mean's columns too close to the image edge for a window are not tracked
+    but enter every frame's neighbour model as guessed edge peaks, as in the mean's own fit
+    (pass every column of the image to that fit). Given plain positions, every frame gets
+    ``fit_atoms``' own neighbour passes.
     Columns flagged by :func:`column_outliers` are left out of the
     frame motion and the calibration ratios. A calibration ratio above 1 means the frames
     scatter more than the error bars predict (unmodelled noise such as scan jitter left by
@@ -532,7 +535,7 @@ def prepare_tracking(stack, positions, *, species, sigma, window, estimator, mod
     check_real(fail_fraction, "fail_fraction", greater=0, maximum=1)
     check_real(erratic_p, "erratic_p", greater=0, maximum=0.5)
     check_real(level, "level", greater=0, maximum=0.9999)
-    start, reference = positions, None
+    start, reference, edge_pos = positions, None, None
     if isinstance(positions, AtomFit):
         ok = to_host(positions.status) == CONVERGED
         from .models import get_model
@@ -540,7 +543,7 @@ def prepare_tracking(stack, positions, *, species, sigma, window, estimator, mod
         isotropic = len(get_model(model).widths) == 1  # peaks or dips
         if positions.params.ndim == 2 and isotropic \
                 and positions.parameters.get("model", "gaussian") == "gaussian":
-            reference = _columns(positions.to_numpy(), ok)
+            reference, edge_pos = _reference_with_edges(positions.to_numpy(), ok)
         if species is not None:
             species = np.asarray(species)[ok] if len(species) == len(ok) else species
         if sigma is None:
@@ -559,6 +562,11 @@ def prepare_tracking(stack, positions, *, species, sigma, window, estimator, mod
                          f"{species.shape}")
     if window is not None:
         window = check_int(window, "window", minimum=5)
+    if edge_pos is not None and len(edge_pos):
+        # Appended after the tracked columns: fitted nowhere (their windows cross the edge),
+        # they enter every frame's neighbour model as guessed edge peaks, as in the mean's
+        # fit; assess_tracks keeps the first len(species) columns.
+        start = np.concatenate([start, edge_pos])
     fit_kw = dict(model=model, window=window, sigma=sigma, estimator=estimator, engine=engine,
                   backend=backend, reference=reference)
     gates = dict(jump_z=jump_z, fade_z=fade_z, fade_fraction=fade_fraction, erratic_p=erratic_p,
@@ -566,11 +574,24 @@ def prepare_tracking(stack, positions, *, species, sigma, window, estimator, mod
     return start, species, fit_kw, gates
 
 
+def _reference_with_edges(fit, ok):
+    """The reference of :func:`prepare_tracking`: the converged columns of a one-image fit,
+    then its columns too close to the image edge for a window (no parameters; their given
+    positions, (E, 2), are returned too)."""
+    from .models import OUT_OF_BOUNDS
+
+    given = None if fit.given_positions is None else np.asarray(fit.given_positions)
+    edge = np.zeros_like(ok) if given is None else (
+        (np.asarray(fit.status) == OUT_OF_BOUNDS) & np.isfinite(given).all(axis=1))
+    ref = _columns(fit, np.concatenate([np.flatnonzero(ok), np.flatnonzero(edge)]))
+    return ref, (None if given is None else given[edge])
+
+
 def _columns(fit, keep):
-    """The AtomFit of the columns ``keep`` of a one-image fit."""
+    """The AtomFit of the columns ``keep`` (mask or indices) of a one-image fit."""
     import dataclasses
 
-    n = len(keep)
+    n = fit.positions.shape[0]
     return dataclasses.replace(fit, **{
         f.name: getattr(fit, f.name)[keep] for f in dataclasses.fields(fit)
         if isinstance(getattr(fit, f.name), np.ndarray) and getattr(fit, f.name).shape[:1] == (n,)})
@@ -612,7 +633,7 @@ def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
         bar.update(1)
     bar.close()
     lead = {"positions", "position_errors", "params", "param_errors", "covariance", "chi2",
-            "n_iter", "status", "width_fixed"}
+            "n_iter", "status", "width_fixed", "given_positions"}
     merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in lead}
     params = {**parts[0].parameters, "batch_frames": int(batch),
               "counts_per_unit_from_first_batch": counts_per_unit is None}
@@ -620,7 +641,13 @@ def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
 
 
 def assess_tracks(fit, species, gates) -> ColumnTracks:
-    """The passes after the batched fit: motion, outliers, calibration, frame gates."""
+    """The passes after the batched fit: motion, outliers, calibration, frame gates.
+
+    ``fit`` may carry more columns than ``species`` (the edge columns appended by
+    :func:`prepare_tracking`): only the first ``len(species)`` are assessed."""
+    n = len(species)
+    if fit.positions.shape[1] != n:
+        fit = _first_columns(fit, n)
     pos, err = fit.positions, fit.position_errors
     amp, amp_err = fit.param("amplitude"), fit.param_errors[..., fit.param_names.index(
         "amplitude")]
@@ -654,3 +681,14 @@ def assess_tracks(fit, species, gates) -> ColumnTracks:
         column_flags=flags, column_reasons=reasons, frame_flagged=frame_flagged,
         frame_reasons=frame_reasons, counts_per_unit=float(fit.counts_per_unit),
         parameters={**gates, **fit.parameters, "n_frames": int(pos.shape[0])})
+
+
+def _first_columns(fit, n):
+    """The AtomFit of the first ``n`` columns of a stack fit ((F, N, ...) arrays)."""
+    import dataclasses
+
+    width = fit.positions.shape[1]
+    return dataclasses.replace(fit, **{
+        f.name: getattr(fit, f.name)[:, :n] for f in dataclasses.fields(fit)
+        if isinstance(getattr(fit, f.name), np.ndarray) and getattr(fit, f.name).ndim >= 2
+        and getattr(fit, f.name).shape[1] == width})

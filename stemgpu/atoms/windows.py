@@ -83,30 +83,36 @@ def extract_windows(stack, frames, origins, k, xp):
     return stack[frames[:, None, None], rows, cols]
 
 
-def render_peaks(model, natural, frames, shape, radius, xp, chunk=4096):
+def render_peaks(model, natural, frames, shape, radius, xp, chunk=1024):
     """Sum of the models' peaks (background excluded) over a (F, H, W) image, float64.
 
     Each peak is evaluated on a (2 radius + 1)^2 patch around its rounded position and
-    scatter-added with ``bincount`` (no loop over atoms; chunks bound memory). Rows of
-    ``natural`` with non-finite values are skipped.
+    scatter-added with ``bincount`` (no loop over atoms). The peaks are taken in raster
+    order, so each chunk of ``chunk`` peaks covers a band of rows and is scattered into that
+    band only (memory and cache traffic of the band, not of the whole stack per chunk). Rows
+    of ``natural`` with non-finite values are skipped.
     """
     f_n, h, w = shape
     out = xp.zeros(f_n * h * w, dtype=xp.float64)
     good = xp.isfinite(natural).all(axis=1)
-    nat = natural[good]
-    frm = frames[good]
+    nat = natural[good].astype(xp.float64)
+    frm = frames[good].astype(xp.int64)
     size = 2 * radius + 1
+    if nat.shape[0] == 0:
+        return out.reshape(f_n, h, w)
     yy, xx = window_grid(size, xp)
     d = xp.arange(size, dtype=xp.int64)
     patch = (d[:, None] * w + d[None, :]).ravel()  # flat offsets of the patch in a frame
+    org_all = xp.rint(nat[:, list(model.position)]) - radius
+    o_all = org_all.astype(xp.int64)
+    base_all = frm * (h * w) + o_all[:, 0] * w + o_all[:, 1]
+    order = xp.argsort(base_all)
     for s in range(0, nat.shape[0], chunk):
-        p = nat[s:s + chunk].astype(xp.float64)
-        org = xp.rint(p[:, list(model.position)]) - radius
+        sel = order[s:s + chunk]
+        p, org, o, base = nat[sel], org_all[sel], o_all[sel], base_all[sel]
         t = model.to_internal(p, org, 1.0, xp)
         t[:, model.background] = 0.0
         val = model.value_on_grid(t, size, xp)  # separable where the model is
-        o = org.astype(xp.int64)
-        base = frm[s:s + chunk].astype(xp.int64) * (h * w) + o[:, 0] * w + o[:, 1]
         # Patches wholly inside the frame need no per-pixel bounds test (most of them).
         inside = (o[:, 0] >= 0) & (o[:, 0] + size <= h) & (o[:, 1] >= 0) & (o[:, 1] + size <= w)
         parts_i = [(base[inside, None] + patch[None, :]).ravel()]
@@ -116,9 +122,13 @@ def render_peaks(model, natural, frames, shape, radius, xp, chunk=4096):
             rows = o[edge, 0:1] + yy.astype(xp.int64)[None, :]
             cols = o[edge, 1:2] + xx.astype(xp.int64)[None, :]
             ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-            idx = frm[s:s + chunk][edge, None].astype(xp.int64) * (h * w) + rows * w + cols
+            idx = frm[sel][edge, None] * (h * w) + rows * w + cols
             parts_i.append(idx[ok])
             parts_w.append(val[edge][ok])
-        out += xp.bincount(xp.concatenate(parts_i), weights=xp.concatenate(parts_w),
-                           minlength=f_n * h * w)
+        idx = parts_i[0] if len(parts_i) == 1 else xp.concatenate(parts_i)
+        wts = parts_w[0] if len(parts_w) == 1 else xp.concatenate(parts_w)
+        if int(idx.size) == 0:
+            continue
+        lo, hi = int(idx.min()), int(idx.max()) + 1  # the chunk's band of the stack
+        out[lo:hi] += xp.bincount(idx - lo, weights=wts, minlength=hi - lo)
     return out.reshape(f_n, h, w)
