@@ -80,12 +80,25 @@ def _compare(ref, got, seed, what, pos_tol=1e-6, max_iter=50, exhausted_ok=False
     if (~stopped).any():
         assert dpos[~stopped].max() <= 1e-2, f"exhausted fits differ {dpos.max():.3g}; {info}"
     ok = (ref.status == models.CONVERGED) & stopped
-    np.testing.assert_allclose(got.param_errors[ok], ref.param_errors[ok], rtol=1e-6,
-                               err_msg=info)
+    # An inverse carries the relative rounding of its matrix times the condition number:
+    # the engines sum the pixels in different orders (~1e-14 relative), so a fit whose
+    # information matrix has a condition number above 1e8 (a width or amplitude nearly
+    # unidentified) gets kappa * 1e-14 instead of 1e-6.
+    kappa = np.linalg.cond(ref.covariance[ok]) if ok.any() else np.ones(0)
+    rtol = np.maximum(1e-6, 1e-14 * kappa)
+    _close(got.param_errors[ok], ref.param_errors[ok], rtol[:, None], 0.0, info, "errors")
     np.testing.assert_allclose(got.chi2[ok], ref.chi2[ok], rtol=1e-8, atol=1e-8, err_msg=info)
-    np.testing.assert_allclose(got.covariance[ok], ref.covariance[ok], rtol=1e-6, atol=1e-12,
-                               err_msg=info)
+    _close(got.covariance[ok], ref.covariance[ok], rtol[:, None, None], 1e-12, info,
+           "covariance")
     return ok
+
+
+def _close(got, ref, rtol, atol, info, what):
+    """``|got - ref| <= atol + rtol |ref|`` with a per-fit ``rtol`` (broadcast)."""
+    bad = np.abs(got - ref) > atol + rtol * np.abs(ref)
+    fits = np.unique(np.nonzero(bad)[0])
+    assert fits.size == 0, (f"{what} differ for fits {fits[:10]} (rtol {rtol.ravel()[fits[:3]]})"
+                            f": compiled {got[fits[:2]]} reference {ref[fits[:2]]}; {info}")
 
 
 @pytest.mark.parametrize("model", ["gaussian", "elliptical"])
