@@ -26,7 +26,7 @@ from .._checks import check_choice, check_int, check_pair, check_real, fail
 from .._inputs import as_image, as_stack
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array
-from . import _warp
+from . import _compiled_warp, _warp
 
 __all__ = ["DemonsResult", "register_demons", "warp"]
 
@@ -373,10 +373,16 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
     active = xp.ones((b,), dtype=bool)
     runs = xp.zeros((b,), dtype=xp.int32)
     best_disp = disp
+    # Compiled kernels (NumPy backend): warp + metric and force + update length in one
+    # pass each, instead of the array path's chain of full-size temporaries.
+    compiled = _compiled_warp.usable(be, moving, disp)
     for it in range(iterations + 1):
-        warped = _warp.warp_batch(be, moving, disp)
-        diff = warped - fixed
-        metric = _metric(diff)
+        if compiled:
+            warped, metric = _compiled_warp.warp_metric(moving, disp, fixed[0])
+        else:
+            warped = _warp.warp_batch(be, moving, disp)
+            diff = warped - fixed
+            metric = _metric(diff)
         improved = active & (metric < best * (1.0 - opts.tolerance))
         best_disp = _select(be, improved, disp, best_disp)
         best = xp.where(improved, metric, best)
@@ -385,8 +391,16 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
         if it == iterations:  # the last pass only evaluates the final field
             break
         hist_metric[it, be.asarray(rows)] = metric
-        u = _force_update(be, opts, grad_fixed, warped, diff, active, alpha2)
-        hist_update[it, be.asarray(rows)] = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        if compiled:
+            u, length = _compiled_warp.demons_force(warped, fixed[0], grad_fixed[0], active,
+                                                    alpha2, opts.force == "symmetric")
+            if opts.sigma_update[0] > 0 or opts.sigma_update[1] > 0:
+                u = _warp.smooth(be, u, opts.sigma_update)
+                length = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        else:
+            u = _force_update(be, opts, grad_fixed, warped, diff, active, alpha2)
+            length = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        hist_update[it, be.asarray(rows)] = length
         disp = _advance(be, opts, disp, u, active)
         runs += active
         bar.update(1)
@@ -648,7 +662,8 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     iterations_run = xp.zeros(n, dtype=xp.int32)
     flagged = xp.zeros(n, dtype=bool)
 
-    workers = be.cpu_workers
+    # The compiled kernels thread over rows themselves: no batch splitting across threads.
+    workers = 1 if _compiled_warp.usable(be) else be.cpu_workers
     chunks = _frame_chunks(n, bsize, workers, h * w)
     bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
