@@ -9,8 +9,10 @@ updates (Vercauteren et al. 2009, doi:10.1016/j.neuroimage.2008.10.040).
 All frames of a batch advance together as one (B, H, W) array on the backend's ``xp``: force,
 Gaussian smoothing of the update ("fluid") and of the field ("elastic"), composition and
 warping are whole-batch operations; the only host synchronisation inside the iteration loop
-is one boolean every ten iterations (have all frames stopped?). On the NumPy backend the
-pieces of a batch run side by side on CPU threads (NumPy's array loops release the GIL).
+is one boolean every ten iterations on a GPU (have all frames stopped?). On the NumPy
+backend each iteration is four compiled kernels (``_compiled_warp``: warp + metric, force,
+composition, smoothing; numba threads over image rows), with the array code as fallback
+when numba is unusable, where the pieces of a batch run side by side on CPU threads.
 """
 
 from __future__ import annotations
@@ -577,8 +579,9 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
         Return the displacement fields (n x 2 x h x w float32); ``False`` saves the memory.
     batch_size : int or "auto"
         Frames held in memory and advanced together; ``"auto"`` sizes batches from free
-        device (or host) memory. On the NumPy backend a batch is split evenly across the
-        CPU cores (threads; pieces of at least 2**19 px), which gives the same numbers.
+        device (or host) memory. On the NumPy backend the compiled kernels thread over
+        image rows; without numba a batch is split evenly across the CPU cores (threads;
+        pieces of at least 2**19 px). Either way the numbers do not depend on it.
     progress : bool
         Show a tqdm progress bar over iterations.
     backend : {"numpy", "cupy", "auto"}, optional
