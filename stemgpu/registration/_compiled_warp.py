@@ -127,8 +127,9 @@ def compose(field, update):
 @functools.lru_cache(maxsize=64)
 def gaussian_weights(sigma, truncate):
     """Normalised 1-D Gaussian taps of ``scipy.ndimage.gaussian_filter`` (radius
-    ``int(truncate * sigma + 0.5)``); a single 1 for ``sigma == 0``."""
-    if sigma <= 0:
+    ``int(truncate * sigma + 0.5)``); a single 1 for ``sigma <= 1e-15``, the widths scipy
+    leaves unfiltered (its square would underflow)."""
+    if sigma <= 1e-15:
         return np.ones(1)
     radius = int(truncate * float(sigma) + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
