@@ -8,6 +8,8 @@ the (B, 2) results.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import numpy as np
@@ -101,6 +103,30 @@ def shift_ramp(be, shifts, shape):
     return ph_r[:, :, None] * ph_c[:, None, :]
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, or None without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def one_blas_thread(be):
+    """Context running host matrix products on one BLAS thread (no-op on a GPU or without
+    threadpoolctl).
+
+    The matrix-DFT products are a few MFLOP each: threaded OpenBLAS gains ~1 ms on them on
+    a quiet machine, but its workers then spin for ~0.1 s per call, and on a busy one (or
+    next to numba's threads in the demons kernels that follow) a 2 ms product took 10-200 ms.
+    """
+    ctl = None if be.is_gpu else _blas_controller()
+    if ctl is None:
+        return contextlib.nullcontext()
+    return ctl.limit(limits=1, user_api="blas")
+
+
 def _wrap_signed(index, n):
     return index - n * (index > n // 2)
 
@@ -141,7 +167,8 @@ def upsampled_correlation(be, cp, shape, centres, upsample, npts, col_weights):
     pc = xp.mod(fc[None, :, None] * xc[:, None, :] / w, 1.0) * TWO_PI  # (B, Wh, npts)
     kr = xp.exp(1j * pr).astype(xp.complex64)
     kc = (xp.exp(1j * pc) * col_weights[None, :, None]).astype(xp.complex64)
-    out = xp.matmul(xp.matmul(kr, cp.astype(xp.complex64, copy=False)), kc)
+    with one_blas_thread(be):
+        out = xp.matmul(xp.matmul(kr, cp.astype(xp.complex64, copy=False)), kc)
     return out.real
 
 

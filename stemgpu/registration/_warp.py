@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from . import _compiled_warp
+
 __all__ = [
     "bilinear", "compose", "downsample", "exponential", "gradient", "resample", "smooth",
     "warp_batch",
@@ -32,6 +34,8 @@ def bilinear(be, channels, disp):
     so the four neighbours of a sample are the same flat index into four offset views of it:
     one index array serves all gathers, and the edge needs no clamping of its own.
     """
+    if _compiled_warp.usable(be, channels, disp):
+        return _compiled_warp.bilinear(channels, disp)
     xp = be.xp
     c_, b, h, w = channels.shape
     dt = channels.dtype
@@ -108,6 +112,8 @@ def compose(be, field, update):
 
     Returns ``update + field(x + update)``, shape (B, 2, H, W).
     """
+    if _compiled_warp.usable(be, field, update):
+        return _compiled_warp.compose(field, update)
     xp = be.xp
     moved = bilinear(be, xp.moveaxis(field, 1, 0), update)
     return update + xp.moveaxis(moved, 0, 1)
@@ -136,6 +142,8 @@ def smooth(be, array, sigma, truncate=3.0):
     sr, sc = float(sigma[0]), float(sigma[1])
     if sr <= 0 and sc <= 0:
         return array
+    if _compiled_warp.usable(be, array):
+        return _compiled_warp.gaussian(array, (max(sr, 0.0), max(sc, 0.0)), truncate)
     sig = (0.0,) * (array.ndim - 2) + (sr, sc)
     return be.ndimage.gaussian_filter(array, sig, mode="nearest", truncate=truncate)
 

@@ -9,8 +9,10 @@ updates (Vercauteren et al. 2009, doi:10.1016/j.neuroimage.2008.10.040).
 All frames of a batch advance together as one (B, H, W) array on the backend's ``xp``: force,
 Gaussian smoothing of the update ("fluid") and of the field ("elastic"), composition and
 warping are whole-batch operations; the only host synchronisation inside the iteration loop
-is one boolean every ten iterations (have all frames stopped?). On the NumPy backend the
-pieces of a batch run side by side on CPU threads (NumPy's array loops release the GIL).
+is one boolean every ten iterations on a GPU (have all frames stopped?). On the NumPy
+backend each iteration is four compiled kernels (``_compiled_warp``: warp + metric, force,
+composition, smoothing; numba threads over image rows), with the array code as fallback
+when numba is unusable, where the pieces of a batch run side by side on CPU threads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .._checks import check_choice, check_int, check_pair, check_real, fail
 from .._inputs import as_image, as_stack
 from .._progress import progress_bar
 from ..backend import HostCopyMixin, is_cupy_array
-from . import _warp
+from . import _compiled_warp, _warp
 
 __all__ = ["DemonsResult", "register_demons", "warp"]
 
@@ -34,7 +36,9 @@ _FORCES = ("symmetric", "thirion")
 _ORDERS = (0, 1, 3)
 #: Iterations without a relative metric improvement of ``tolerance`` before a frame stops.
 _PATIENCE = 5
-#: Host check "have all frames stopped?" every this many iterations (one sync each).
+#: Host check "have all frames stopped?" every this many iterations on a GPU (one sync
+#: each); on the host the check is free and runs every iteration, so a stopped frame leaves
+#: the working arrays at once instead of being carried up to 9 more iterations.
 _CHECK_EVERY = 10
 #: Smallest piece of a batch (pixels) given its own CPU thread: below it, per-call overhead
 #: and the GIL between NumPy calls eat the gain.
@@ -358,9 +362,10 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
                hist_update, bar):
     """Demons iterations at one level for a batch.
 
-    Every ``_CHECK_EVERY`` iterations the frames that have stopped are written out and the
-    working arrays shrink to the frames still running (one small device-to-host copy of the
-    stop mask), so a batch costs about its mean, not its maximum, number of iterations.
+    Every ``_CHECK_EVERY`` iterations (every iteration on the host) the frames that have
+    stopped are written out and the working arrays shrink to the frames still running (one
+    small device-to-host copy of the stop mask), so a batch costs about its mean, not its
+    maximum, number of iterations.
     Returns the field with the lowest metric of each frame and the iterations each ran.
     """
     xp = be.xp
@@ -373,10 +378,17 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
     active = xp.ones((b,), dtype=bool)
     runs = xp.zeros((b,), dtype=xp.int32)
     best_disp = disp
+    # Compiled kernels (NumPy backend): warp + metric and force + update length in one
+    # pass each, instead of the array path's chain of full-size temporaries.
+    compiled = _compiled_warp.usable(be, moving, disp)
+    every = _CHECK_EVERY if be.is_gpu else 1
     for it in range(iterations + 1):
-        warped = _warp.warp_batch(be, moving, disp)
-        diff = warped - fixed
-        metric = _metric(diff)
+        if compiled:
+            warped, metric = _compiled_warp.warp_metric(moving, disp, fixed[0])
+        else:
+            warped = _warp.warp_batch(be, moving, disp)
+            diff = warped - fixed
+            metric = _metric(diff)
         improved = active & (metric < best * (1.0 - opts.tolerance))
         best_disp = _select(be, improved, disp, best_disp)
         best = xp.where(improved, metric, best)
@@ -385,12 +397,20 @@ def _run_level(be, moving, fixed, grad_fixed, disp, opts: _Options, iterations, 
         if it == iterations:  # the last pass only evaluates the final field
             break
         hist_metric[it, be.asarray(rows)] = metric
-        u = _force_update(be, opts, grad_fixed, warped, diff, active, alpha2)
-        hist_update[it, be.asarray(rows)] = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        if compiled:
+            u, length = _compiled_warp.demons_force(warped, fixed[0], grad_fixed[0], active,
+                                                    alpha2, opts.force == "symmetric")
+            if opts.sigma_update[0] > 0 or opts.sigma_update[1] > 0:
+                u = _warp.smooth(be, u, opts.sigma_update)
+                length = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        else:
+            u = _force_update(be, opts, grad_fixed, warped, diff, active, alpha2)
+            length = xp.sqrt((u * u).sum(axis=1).mean(axis=(1, 2)))
+        hist_update[it, be.asarray(rows)] = length
         disp = _advance(be, opts, disp, u, active)
         runs += active
         bar.update(1)
-        if (it + 1) % _CHECK_EVERY == 0 and it + 1 < iterations:
+        if (it + 1) % every == 0 and it + 1 < iterations:
             act = np.asarray(be.to_numpy(active), dtype=bool)
             if not act.all():
                 out.retire(rows, ~act, it + 1, best_disp, runs, best)
@@ -559,8 +579,9 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
         Return the displacement fields (n x 2 x h x w float32); ``False`` saves the memory.
     batch_size : int or "auto"
         Frames held in memory and advanced together; ``"auto"`` sizes batches from free
-        device (or host) memory. On the NumPy backend a batch is split evenly across the
-        CPU cores (threads; pieces of at least 2**19 px), which gives the same numbers.
+        device (or host) memory. On the NumPy backend the compiled kernels thread over
+        image rows; without numba a batch is split evenly across the CPU cores (threads;
+        pieces of at least 2**19 px). Either way the numbers do not depend on it.
     progress : bool
         Show a tqdm progress bar over iterations.
     backend : {"numpy", "cupy", "auto"}, optional
@@ -648,7 +669,8 @@ def register_demons(stack, *, reference=None, iterations=50, force="symmetric",
     iterations_run = xp.zeros(n, dtype=xp.int32)
     flagged = xp.zeros(n, dtype=bool)
 
-    workers = be.cpu_workers
+    # The compiled kernels thread over rows themselves: no batch splitting across threads.
+    workers = 1 if _compiled_warp.usable(be) else be.cpu_workers
     chunks = _frame_chunks(n, bsize, workers, h * w)
     bar = progress_bar(progress, total=opts.rounds * len(chunks) * sum(opts.iterations),
                        desc="demons", unit="it", leave=False)
