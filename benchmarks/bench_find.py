@@ -40,12 +40,16 @@ def _case(c):
     return f"{c[0]}x{c[0]}-sigma{c[1]:g}px"
 
 
-@pytest.fixture(scope="module", params=CASES, ids=_case)
-def image(request):
-    size, sigma = request.param
+def _scene(case):
+    size, sigma = case
     img, truth = simulate_image((size, size), pixel_size_pm=10.0, probe_sigma_pm=10.0 * sigma,
                                 dose=200.0, seed=4)
-    return _case(request.param), img, truth
+    return _case(case), img, truth
+
+
+@pytest.fixture(scope="module", params=CASES, ids=_case)
+def image(request):
+    return _scene(request.param)
 
 
 def _found_fraction(pos, truth):
@@ -86,10 +90,7 @@ def test_estimate_sigma(benchmark, bench_backend, image):
 
 @pytest.fixture(scope="module", params=FIND_FIT_CASES, ids=_case)
 def fit_image(request):
-    size, sigma = request.param
-    img, truth = simulate_image((size, size), pixel_size_pm=10.0, probe_sigma_pm=10.0 * sigma,
-                                dose=200.0, seed=4)
-    return _case(request.param), img, truth
+    return _scene(request.param)
 
 
 def _find_then_fit(data, backend):
