@@ -80,25 +80,32 @@ def _compare(ref, got, seed, what, pos_tol=1e-6, max_iter=50, exhausted_ok=False
     if (~stopped).any():
         assert dpos[~stopped].max() <= 1e-2, f"exhausted fits differ {dpos.max():.3g}; {info}"
     ok = (ref.status == models.CONVERGED) & stopped
-    # An inverse carries the relative rounding of its matrix times the condition number:
-    # the engines sum the pixels in different orders (~1e-14 relative), so a fit whose
-    # information matrix has a condition number above 1e8 (a width or amplitude nearly
-    # unidentified) gets kappa * 1e-14 instead of 1e-6.
-    kappa = np.linalg.cond(ref.covariance[ok]) if ok.any() else np.ones(0)
-    rtol = np.maximum(1e-6, 1e-14 * kappa)
-    _close(got.param_errors[ok], ref.param_errors[ok], rtol[:, None], 0.0, info, "errors")
     np.testing.assert_allclose(got.chi2[ok], ref.chi2[ok], rtol=1e-8, atol=1e-8, err_msg=info)
-    _close(got.covariance[ok], ref.covariance[ok], rtol[:, None, None], 1e-12, info,
-           "covariance")
+    # An inverse carries its matrix's relative rounding times the condition number, and the
+    # engines sum the pixels in different orders (~1e-14 relative): the errors of a fit whose
+    # information matrix has a condition number above 1e8 (a width or amplitude nearly
+    # unidentified, error bars of 1e6 and more) are not comparable at 1e-6. Those fits are
+    # left out of this check, counted, and must stay rare; every other fit is held to 1e-6.
+    kappa = np.full(len(ok), np.inf)
+    if ok.any():
+        cov = ref.covariance[ok]
+        # over the free parameters: a fixed width has a zero row and column
+        free = (np.abs(np.diagonal(cov, axis1=1, axis2=2)) > 0).any(axis=0)
+        kappa[ok] = np.linalg.cond(cov[:, free][:, :, free])
+    well = ok & (kappa <= 1e8)
+    assert (ok & ~well).sum() <= max(2, 0.05 * ok.sum()), (
+        f"{(ok & ~well).sum()} of {ok.sum()} converged fits are ill-conditioned; {info}")
+    _close(got.param_errors[well], ref.param_errors[well], 1e-6, 0.0, info, "errors")
+    _close(got.covariance[well], ref.covariance[well], 1e-6, 1e-12, info, "covariance")
     return ok
 
 
 def _close(got, ref, rtol, atol, info, what):
-    """``|got - ref| <= atol + rtol |ref|`` with a per-fit ``rtol`` (broadcast)."""
+    """``|got - ref| <= atol + rtol |ref|``, naming the fits that differ."""
     bad = np.abs(got - ref) > atol + rtol * np.abs(ref)
     fits = np.unique(np.nonzero(bad)[0])
-    assert fits.size == 0, (f"{what} differ for fits {fits[:10]} (rtol {rtol.ravel()[fits[:3]]})"
-                            f": compiled {got[fits[:2]]} reference {ref[fits[:2]]}; {info}")
+    assert fits.size == 0, (f"{what} differ for fits {fits[:10]}: compiled {got[fits[:2]]} "
+                            f"reference {ref[fits[:2]]}; {info}")
 
 
 @pytest.mark.parametrize("model", ["gaussian", "elliptical"])

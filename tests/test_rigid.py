@@ -494,3 +494,29 @@ def test_passes_run_alone_and_do_not_depend_on_the_batching(small):
     errors = [rms(centred_error(s, true)) for s in (chain, loo, polished)]
     assert errors[0] < 0.05  # the first estimate is already close
     assert errors[2] < errors[1] < errors[0], errors  # each pass refines the previous one
+
+
+def test_one_blas_thread_nests_and_restores():
+    """Nested uses (as overlapping uses from several threads are counted) limit once and
+    restore once: the process gets its own BLAS setting back when the last one leaves."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from stemgpu.backend import resolve_backend
+    from stemgpu.registration._dft import _BLAS_STATE, one_blas_thread
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+
+    be = resolve_backend("numpy")
+    with one_blas_thread(be):  # loads every BLAS library the products use
+        pass
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library seen by threadpoolctl")
+    with one_blas_thread(be):
+        with one_blas_thread(be):
+            assert set(blas_threads().values()) == {1}
+            assert _BLAS_STATE["users"] == 2
+        assert set(blas_threads().values()) == {1}  # the inner one left: still limited
+    assert _BLAS_STATE["users"] == 0 and _BLAS_STATE["limiter"] is None
+    assert blas_threads() == before

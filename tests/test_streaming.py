@@ -225,3 +225,12 @@ def test_saving_images_imports_neither_sidpy_nor_dask(tmp_path):
             fh["Measurement_000/Channel_000/rigid_registered/rigid_registered"])
         assert ds.shape == (4, 96, 96) and ds._axes[1].units == "nm"
         assert float(ds._axes[2].values[1]) == pytest.approx(0.0146)
+
+
+def test_scratch_dir_is_checked_before_any_stage(tmp_path):
+    stack, _ = stemgpu.simulate_stack((4, 96, 96), seed=1)
+    with pytest.raises(ValueError, match="scratch_dir must be an existing folder"):
+        stemgpu.analyze(stack, pixel_size=14.6, scratch_dir=tmp_path / "missing",
+                        progress=False)
+    with pytest.raises(TypeError, match="scratch_dir must be a folder path"):
+        stemgpu.analyze(stack, pixel_size=14.6, scratch_dir=12345, progress=False)

@@ -32,6 +32,7 @@ Stages (each a function of :mod:`stemgpu.app.stages`)
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -220,6 +221,20 @@ class _Clock:
         self.bar.update(1)
 
 
+def _check_scratch_dir(path):
+    """``scratch_dir`` as a path of an existing folder (or None), checked before any stage."""
+    if path is None:
+        return None
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"scratch_dir must be a folder path (str or os.PathLike) or None; got "
+                        f"{type(path).__name__}") from None
+    if not os.path.isdir(path):
+        raise ValueError(f"scratch_dir must be an existing folder; got {path!r}")
+    return path
+
+
 def analyze(stack, *, pixel_size: float | None = None,
             steps: Sequence[str] = STEPS, backend=None, progress: bool = True,
             lattice=None, client=None, scratch_dir=None, **stage_options) -> Analysis:
@@ -237,7 +252,9 @@ def analyze(stack, *, pixel_size: float | None = None,
         its registered frames (and fields) to a temporary chunked store in ``scratch_dir``
         (:class:`~stemgpu.io.store.FrameStore`); ``demons.registered`` and
         ``demons.displacement`` are then lazy frame sources on it (removed by
-        :meth:`Analysis.close`, else when the analysis is garbage-collected).
+        :meth:`Analysis.close`, else when the analysis and every array taken from the
+        store are garbage-collected, else at interpreter exit; a process killed outright
+        leaves its ``.stemgpu-store-*`` folder behind).
     pixel_size : float, optional
         pm per pixel; overrides the data's calibration and is required without one.
     steps : sequence of {"rigid", "demons", "atoms", "cells", "track"}
@@ -302,6 +319,7 @@ def analyze(stack, *, pixel_size: float | None = None,
     """
     steps = check_steps(steps)
     opts = check_options(stage_options)
+    scratch_dir = _check_scratch_dir(scratch_dir)
     if lattice is not None:
         given = opts.setdefault("cells", {}).setdefault("lattice", lattice)
         if given is not lattice:

@@ -211,7 +211,12 @@ def map_bounded(client, func: Callable, items: Sequence, *, label: Callable[[Any
             if on_result is None:
                 results[i] = result
             else:
-                on_result(i, result)
+                try:
+                    on_result(i, result)
+                except BaseException:  # e.g. the store's disk is full: stop the rest too
+                    for other in list(ac.futures):
+                        other.cancel()
+                    raise
             del result
             bar.update(1)
             submit_next()
@@ -610,7 +615,7 @@ def _task_fit_frames(item, stack, start, gain, fit_kw):
 
 
 _FIT_FIELDS = ("positions", "position_errors", "params", "param_errors", "covariance", "chi2",
-               "n_iter", "status", "width_fixed")
+               "n_iter", "status", "width_fixed", "given_positions")
 
 
 def _axis_order(a) -> tuple:

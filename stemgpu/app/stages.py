@@ -662,8 +662,9 @@ class RegisteredFrames:
         """Rigid batch ``k`` of the source, every frame shifted (host float32)."""
         from ..registration.rigid import apply_shifts
 
-        if self._cache is not None and self._cache[0] == k:
-            return self._cache[1]
+        cached = self._cache  # one read: tasks on a worker's threads share this object
+        if cached is not None and cached[0] == k:
+            return cached[1]
         self._cache = None  # free the old batch first
         a, b = k * self.batch, min(int(self.source.shape[0]), (k + 1) * self.batch)
         raw = np.asarray(self.source[a:b], dtype=np.float32)

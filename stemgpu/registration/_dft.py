@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -104,27 +105,54 @@ def shift_ramp(be, shifts, shape):
 
 
 @functools.lru_cache(maxsize=1)
-def _blas_controller():
-    """threadpoolctl's controller of the loaded BLAS libraries, or None without it."""
+def _blas_controller_class():
+    """threadpoolctl's ThreadpoolController, or None without threadpoolctl."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
-    return ThreadpoolController()
+    return ThreadpoolController
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"users": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _blas_limited():
+    # threadpoolctl's limit is process-wide and restores what it saw on entry: nested or
+    # overlapping uses from several threads would restore each other's settings (and leave
+    # the process at one thread). The first user sets it, the last one restores it.
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            # a fresh controller: a BLAS loaded since (SciPy's own, on first use) is seen too
+            _BLAS_STATE["limiter"] = _blas_controller_class()().limit(limits=1,
+                                                                      user_api="blas")
+        _BLAS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def one_blas_thread(be):
     """Context running host matrix products on one BLAS thread (no-op on a GPU or without
-    threadpoolctl).
+    threadpoolctl). Uses are counted: nested or overlapping ones (several threads) limit once
+    and restore once, when the last one leaves.
 
     The matrix-DFT products are a few MFLOP each: threaded OpenBLAS gains ~1 ms on them on
     a quiet machine, but its workers then spin for ~0.1 s per call, and on a busy one (or
     next to numba's threads in the demons kernels that follow) a 2 ms product took 10-200 ms.
+    One thread also makes the products' rounding independent of the thread count (the same
+    shifts in process and on single-threaded dask workers).
     """
-    ctl = None if be.is_gpu else _blas_controller()
-    if ctl is None:
+    if be.is_gpu or _blas_controller_class() is None:
         return contextlib.nullcontext()
-    return ctl.limit(limits=1, user_api="blas")
+    return _blas_limited()
 
 
 def _wrap_signed(index, n):
