@@ -36,6 +36,7 @@ from ._codec import (
     rebuild_namedtuple,
     to_json,
 )
+from .sidpy_io import image_axes
 
 __all__ = ["IMAGE_FIELDS", "Writer", "is_array", "read_group", "read_member"]
 
@@ -62,21 +63,6 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _image_axes(shape, pixel_size_pm):
-    """(name, values, units, quantity, dimension type) per axis, as ``to_dataset`` makes
-    them: a frame index for a stack, then y and x in nm (in pixels without a pixel size)."""
-    axes = []
-    if len(shape) == 3:
-        axes.append(("frame", np.arange(shape[0], dtype=float), "frame", "time", "TEMPORAL"))
-    for name, n in (("y", shape[-2]), ("x", shape[-1])):
-        if pixel_size_pm is None:
-            axes.append((name, np.arange(n, dtype=float), "pixel", "distance", "SPATIAL"))
-        else:  # float64: n * scale stays exact to well below a pm over thousands of pixels
-            axes.append((name, np.arange(n, dtype=np.float64) * (pixel_size_pm / 1000.0), "nm",
-                         "distance", "SPATIAL"))
-    return axes
 
 
 def _needs_group(obj: Any) -> bool:
@@ -261,7 +247,7 @@ class Writer:
             main[...] = np.asarray(value)
         scales = []
         for axis, (dim, values, units, quantity, kind) in enumerate(
-                _image_axes(shape, pixel_size_pm)):
+                image_axes(shape, pixel_size_pm)):
             dset = sub.create_dataset(dim, data=values)
             dset.attrs.update({"name": dim, "units": units, "quantity": quantity,
                                "dimension_type": kind})

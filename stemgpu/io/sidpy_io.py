@@ -17,17 +17,31 @@ from .._checks import check_real
 from .._inputs import Calibrated, as_image, is_sidpy_dataset, pixel_size_from_dataset
 from ..backend import is_cupy_array
 
-__all__ = ["from_dataset", "pixel_size_from_dataset", "to_dataset"]
+__all__ = ["from_dataset", "image_axes", "pixel_size_from_dataset", "to_dataset"]
 
 
-def _spatial_dim(sidpy, n: int, name: str, pixel_size_pm: float | None, offset_nm: float):
-    if pixel_size_pm is None:
-        return sidpy.Dimension(np.arange(n, dtype=float), name=name, units="pixel",
-                               quantity="distance", dimension_type="SPATIAL")
-    # float64: n * scale must stay exact to well below a pm over thousands of pixels
-    values = offset_nm + np.arange(n, dtype=np.float64) * (pixel_size_pm / 1000.0)
-    return sidpy.Dimension(values, name=name, units="nm", quantity="distance",
-                           dimension_type="SPATIAL")
+def image_axes(shape, pixel_size_pm: float | None = None, frame_time_s: float | None = None,
+               origin_nm: tuple[float, float] = (0.0, 0.0)) -> list[tuple]:
+    """``(name, values, units, quantity, dimension_type)`` per axis of an image or stack.
+
+    The one home of the convention (see the module docstring): :func:`to_dataset` makes
+    its ``sidpy.Dimension`` objects from it, and the results file writes them with h5py
+    alone (``stemgpu.io._tree``, without importing sidpy).
+    """
+    axes = []
+    if len(shape) == 3:
+        if frame_time_s is not None:
+            axes.append(("frame", np.arange(shape[0]) * frame_time_s, "s", "time", "TEMPORAL"))
+        else:
+            axes.append(("frame", np.arange(shape[0], dtype=float), "frame", "time",
+                         "TEMPORAL"))
+    for name, n, offset in (("y", shape[-2], origin_nm[0]), ("x", shape[-1], origin_nm[1])):
+        if pixel_size_pm is None:
+            axes.append((name, np.arange(n, dtype=float), "pixel", "distance", "SPATIAL"))
+        else:  # float64: n * scale must stay exact to well below a pm over thousands of pixels
+            values = offset + np.arange(n, dtype=np.float64) * (pixel_size_pm / 1000.0)
+            axes.append((name, values, "nm", "distance", "SPATIAL"))
+    return axes
 
 
 def to_dataset(array: Any, *, pixel_size: float | None = None, title: str = "stack",
@@ -106,16 +120,10 @@ def to_dataset(array: Any, *, pixel_size: float | None = None, title: str = "sta
     ds.quantity = quantity
     ds.data_type = "IMAGE_STACK" if ndim == 3 else "IMAGE"
     shape = tuple(int(s) for s in data.shape)
-    if ndim == 3:
-        if frame_time_s is not None:
-            frame = sidpy.Dimension(np.arange(shape[0]) * frame_time_s, name="frame",
-                                    units="s", quantity="time", dimension_type="TEMPORAL")
-        else:
-            frame = sidpy.Dimension(np.arange(shape[0], dtype=float), name="frame",
-                                    units="frame", quantity="time", dimension_type="TEMPORAL")
-        ds.set_dimension(0, frame)
-    ds.set_dimension(ndim - 2, _spatial_dim(sidpy, shape[-2], "y", pixel_size, origin_nm[0]))
-    ds.set_dimension(ndim - 1, _spatial_dim(sidpy, shape[-1], "x", pixel_size, origin_nm[1]))
+    for axis, (name, values, units_, quantity_, kind) in enumerate(
+            image_axes(shape, pixel_size, frame_time_s, origin_nm)):
+        ds.set_dimension(axis, sidpy.Dimension(values, name=name, units=units_,
+                                               quantity=quantity_, dimension_type=kind))
     ds.metadata = dict(metadata or {})
     ds.original_metadata = dict(original_metadata or {})
     return ds
