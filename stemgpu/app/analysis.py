@@ -355,7 +355,7 @@ def analyze(stack, *, pixel_size: float | None = None,
             with clock.stage("rigid", "rigid registration"):
                 results["rigid"], results["drift"], current, flagged = stages.rigid_stage(
                     prep, opts.get("rigid", {}), opts.get("drift", {}), progress,
-                    client=client)
+                    client=client, streamed_mean="demons" not in steps)
         if "demons" in steps and prep.streamed:
             with clock.stage("demons", "demons registration"):
                 demons, kept, current, store = stages.streamed_demons_stage(

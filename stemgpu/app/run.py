@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -105,13 +106,12 @@ def run_file(path, *, out=None, backend=None, steps=STEPS, pixel_size=None,
         if scheduler is not None:
             from .distributed import cluster_client
 
-            with cluster_client(scheduler, workers=workers, say=say) as client:
-                analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                                   progress=not quiet, client=client,
-                                   scratch_dir=os.path.dirname(os.path.abspath(out)), **kw)
+            cluster = cluster_client(scheduler, workers=workers, say=say)
         else:
+            cluster = contextlib.nullcontext()  # client None: everything in this process
+        with cluster as client:
             analysis = analyze(ds, pixel_size=pixel_size, steps=steps, backend=backend,
-                               progress=not quiet,
+                               progress=not quiet, client=client,
                                scratch_dir=os.path.dirname(os.path.abspath(out)), **kw)
     except BaseException:
         if source is not None:

@@ -103,11 +103,13 @@ def frame_time_of(dataset) -> float | None:
 
 
 def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mapping[str, Any],
-                progress: bool, client=None):
+                progress: bool, client=None, streamed_mean: bool = True):
     """Rigid registration onto the mean and the drift report.
 
     Returns ``(rigid, drift, registered, flagged)``: the registered stack (or, for a
-    streamed source, the mean of its unflagged registered frames, with ``flagged`` None).
+    streamed source, the mean of its unflagged registered frames, with ``flagged`` None;
+    None with ``streamed_mean=False``, when a streamed demons step makes its own mean and
+    a pass over the stack for this one would be wasted).
     With a ``client`` (a ``distributed.Client``) the frame batches are dask tasks.
     """
     from ..registration.drift import drift_report
@@ -140,7 +142,8 @@ def rigid_stage(prep: Prepared, options: Mapping[str, Any], drift_options: Mappi
     drift = drift_report(rigid, **{"frame_time": prep.frame_time_s, **drift_options})
     if prep.streamed:
         # Nothing but the mean is kept: the stack may be larger than memory.
-        return rigid, drift, _streamed_mean(prep.data, rigid, be, flagged), None
+        mean = _streamed_mean(prep.data, rigid, be, flagged) if streamed_mean else None
+        return rigid, drift, mean, None
     return rigid, drift, rigid.registered, flagged
 
 
