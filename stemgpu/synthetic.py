@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -796,10 +795,9 @@ def _in_order(render, n):
     """``render(f)`` for f = 0 .. n - 1, yielded in order, computed a few frames ahead on one
     thread per CPU core (NumPy's array loops release the GIL). Noise is drawn by the caller
     in frame order from the one generator, so the stack is the serial one, bit for bit."""
-    try:
-        workers = min(n, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        workers = min(n, os.cpu_count() or 1)
+    from .backend import resolve_backend
+
+    workers = min(n, resolve_backend("numpy").cpu_workers)
     if workers <= 1:
         yield from (render(f) for f in range(n))
         return
