@@ -601,6 +601,7 @@ def _task_fit_frames(item, stack, start, gain, fit_kw):
     import numpy as np
 
     from ..atoms.fit import fit_atoms
+    from ..atoms.track import FRAME_FIT_FIELDS
 
     a, b, data = item
     if data is None:
@@ -611,11 +612,7 @@ def _task_fit_frames(item, stack, start, gain, fit_kw):
                     counts_per_unit=gain, **fit_kw).to_numpy()
     # pickling makes every array C-ordered; the client restores each field's memory
     # layout, on which the order of later reductions (and so their last bits) depends
-    return fit, {f: _axis_order(getattr(fit, f)) for f in _FIT_FIELDS}
-
-
-_FIT_FIELDS = ("positions", "position_errors", "params", "param_errors", "covariance", "chi2",
-               "n_iter", "status", "width_fixed", "given_positions")
+    return fit, {f: _axis_order(getattr(fit, f)) for f in FRAME_FIT_FIELDS}
 
 
 def _axis_order(a) -> tuple:
@@ -634,8 +631,8 @@ def _with_axis_order(a, order):
 
 def _restore_fit(result):
     fit, orders = result
-    return dataclasses.replace(fit, **{f: _with_axis_order(getattr(fit, f), orders[f])
-                                       for f in _FIT_FIELDS})
+    return dataclasses.replace(fit, **{f: _with_axis_order(getattr(fit, f), o)
+                                       for f, o in orders.items()})
 
 
 def _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress, fit_kw):
@@ -643,6 +640,7 @@ def _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress
     import numpy as np
 
     from .._inputs import is_frame_source
+    from ..atoms.track import FRAME_FIT_FIELDS
     from ..backend import resolve_backend
 
     be = resolve_backend(fit_kw["backend"])
@@ -670,7 +668,7 @@ def _fit_frames_on(client, stack, start, batch_frames, counts_per_unit, progress
         return first
     gain = first.counts_per_unit if counts_per_unit is None else counts_per_unit
     parts = [first, *run(items[1:], gain)]
-    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIT_FIELDS}
+    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in FRAME_FIT_FIELDS}
     params = {**parts[0].parameters, "batch_frames": int(batch),
               "counts_per_unit_from_first_batch": counts_per_unit is None}
     return dataclasses.replace(parts[0], parameters=params, **merged)

@@ -30,6 +30,7 @@ from .models import CONVERGED
 
 __all__ = [
     "COLUMN_FLAGS",
+    "FRAME_FIT_FIELDS",
     "CalibrationRatio",
     "ColumnTracks",
     "assess_tracks",
@@ -587,14 +588,24 @@ def _reference_with_edges(fit, ok):
     return ref, (None if given is None else given[edge])
 
 
-def _columns(fit, keep):
-    """The AtomFit of the columns ``keep`` (mask or indices) of a one-image fit."""
+def _columns(fit, keep, axis=0):
+    """The AtomFit of the columns ``keep`` (mask, indices or slice) of a fit: its arrays
+    with the column axis ``axis`` (0 for a one-image fit, 1 for a stack fit)."""
     import dataclasses
 
-    n = fit.positions.shape[0]
+    n = fit.positions.shape[axis]
+    index = (slice(None),) * axis + (keep,)
     return dataclasses.replace(fit, **{
-        f.name: getattr(fit, f.name)[keep] for f in dataclasses.fields(fit)
-        if isinstance(getattr(fit, f.name), np.ndarray) and getattr(fit, f.name).shape[:1] == (n,)})
+        f.name: getattr(fit, f.name)[index] for f in dataclasses.fields(fit)
+        if isinstance(getattr(fit, f.name), np.ndarray)
+        and getattr(fit, f.name).shape[axis:axis + 1] == (n,)})
+
+
+
+#: The AtomFit fields with a leading frame axis: what the frame batches of a stack fit
+#: are concatenated along (here, and by the distributed twin in ``stemgpu.app.distributed``).
+FRAME_FIT_FIELDS = ("positions", "position_errors", "params", "param_errors", "covariance",
+                    "chi2", "n_iter", "status", "width_fixed", "given_positions")
 
 
 def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
@@ -632,9 +643,7 @@ def _fit_frames(stack, start, batch_frames, counts_per_unit, progress, fit_kw):
         parts.append(part)
         bar.update(1)
     bar.close()
-    lead = {"positions", "position_errors", "params", "param_errors", "covariance", "chi2",
-            "n_iter", "status", "width_fixed", "given_positions"}
-    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in lead}
+    merged = {f: np.concatenate([getattr(p, f) for p in parts]) for f in FRAME_FIT_FIELDS}
     params = {**parts[0].parameters, "batch_frames": int(batch),
               "counts_per_unit_from_first_batch": counts_per_unit is None}
     return dataclasses.replace(parts[0], parameters=params, **merged)
@@ -647,7 +656,7 @@ def assess_tracks(fit, species, gates) -> ColumnTracks:
     :func:`prepare_tracking`): only the first ``len(species)`` are assessed."""
     n = len(species)
     if fit.positions.shape[1] != n:
-        fit = _first_columns(fit, n)
+        fit = _columns(fit, slice(0, n), axis=1)
     pos, err = fit.positions, fit.position_errors
     amp, amp_err = fit.param("amplitude"), fit.param_errors[..., fit.param_names.index(
         "amplitude")]
@@ -681,14 +690,3 @@ def assess_tracks(fit, species, gates) -> ColumnTracks:
         column_flags=flags, column_reasons=reasons, frame_flagged=frame_flagged,
         frame_reasons=frame_reasons, counts_per_unit=float(fit.counts_per_unit),
         parameters={**gates, **fit.parameters, "n_frames": int(pos.shape[0])})
-
-
-def _first_columns(fit, n):
-    """The AtomFit of the first ``n`` columns of a stack fit ((F, N, ...) arrays)."""
-    import dataclasses
-
-    width = fit.positions.shape[1]
-    return dataclasses.replace(fit, **{
-        f.name: getattr(fit, f.name)[:, :n] for f in dataclasses.fields(fit)
-        if isinstance(getattr(fit, f.name), np.ndarray) and getattr(fit, f.name).ndim >= 2
-        and getattr(fit, f.name).shape[1] == width})
